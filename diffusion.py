@@ -1,0 +1,104 @@
+"""The DDPM noise process: linear-beta schedule, forward noising, the training loss and the samplers.
+
+The network is always an argument (`model(x, t) -> eps`), never an attribute, so this object holds
+no trainable state. References: Ho et al. 2020 (DDPM, arXiv:2006.11239) and Song et al. 2021
+(DDIM, arXiv:2010.02502); equation numbers below are theirs.
+"""
+import torch
+import torch.nn.functional as F
+
+
+class Diffusion:
+    def __init__(self, timesteps=1000, beta_start=1e-4, beta_end=0.02):
+        if timesteps < 1:
+            raise ValueError("timesteps must be positive")
+        self.timesteps = timesteps
+        self.beta_start, self.beta_end = beta_start, beta_end
+        # The paper's betas are for T=1000. Scaling them by 1000/T keeps alpha_bar at T near 0 for
+        # smaller T, so sampling starts from (almost) pure noise; capped below 1 for tiny T.
+        scale = 1000 / timesteps
+        betas = torch.linspace(scale * beta_start, scale * beta_end, timesteps, dtype=torch.float64)
+        betas = betas.clamp(max=0.999)
+        alpha_bar = torch.cumprod(1 - betas, dim=0)
+        alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+        # Computed in float64 on the CPU, kept as float32 (MPS has no float64).
+        self.betas = betas.float()
+        self.alpha_bar = alpha_bar.float()
+        self.alpha_bar_prev = alpha_bar_prev.float()
+        # Posterior q(x_{t-1} | x_t, x_0), eqs. (6)-(7) of DDPM.
+        self.posterior_var = (betas * (1 - alpha_bar_prev) / (1 - alpha_bar)).float()
+        self.posterior_coef_x0 = (betas * alpha_bar_prev.sqrt() / (1 - alpha_bar)).float()
+        self.posterior_coef_xt = ((1 - alpha_bar_prev) * (1 - betas).sqrt() / (1 - alpha_bar)).float()
+
+    def config(self):
+        return {"timesteps": self.timesteps, "beta_start": self.beta_start, "beta_end": self.beta_end}
+
+    @staticmethod
+    def _at(a, t, x):
+        """a[t] for a batch of timesteps t, shaped to broadcast against x: (B,) -> (B, 1, 1, 1)."""
+        return a.to(t.device)[t].view(-1, *([1] * (x.dim() - 1)))
+
+    def q_sample(self, x0, t, noise):
+        """x_t ~ q(x_t | x_0), eq. (4): sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
+        ab = self._at(self.alpha_bar, t, x0)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+    def q_posterior(self, x0, xt, t):
+        """Mean and variance of q(x_{t-1} | x_t, x_0), eq. (7)."""
+        mean = self._at(self.posterior_coef_x0, t, xt) * x0 + self._at(self.posterior_coef_xt, t, xt) * xt
+        return mean, self._at(self.posterior_var, t, xt)
+
+    def loss(self, model, x0):
+        """The simplified DDPM objective, eq. (14): || eps - eps_theta(x_t, t) ||^2 at a uniform t."""
+        t = torch.randint(0, self.timesteps, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0)
+        eps = model(self.q_sample(x0, t, noise), t)
+        return F.mse_loss(eps.float(), noise)
+
+    def timestep_pairs(self, steps):
+        """(t, t_prev) pairs from T-1 down to 0; t_prev = -1 marks the final step to x_0."""
+        T = self.timesteps
+        if not 1 <= steps <= T:
+            raise ValueError(f"steps must be between 1 and the {T} timesteps of the schedule")
+        # Evenly spaced, always including T-1 (start from noise) and 0 (end on the data).
+        ts = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+        return list(zip(ts, ts[1:] + [-1]))
+
+    def step(self, eps, xt, t, t_prev, eta, noise):
+        """One generalized step x_t -> x_{t_prev}, eq. (12) of DDIM.
+
+        eta=0 is deterministic DDIM; eta=1 over consecutive steps is the DDPM ancestral step with the
+        posterior variance beta-tilde. Also returns the predicted x_0, clipped to [-1, 1].
+        """
+        ab = self.alpha_bar[t].item()
+        ab_prev = self.alpha_bar[t_prev].item() if t_prev >= 0 else 1.0
+        x0 = ((xt - (1 - ab) ** 0.5 * eps) / ab ** 0.5).clamp(-1, 1)  # eq. (9) solved for x_0
+        eps = (xt - ab ** 0.5 * x0) / (1 - ab) ** 0.5  # the noise consistent with the clipped x_0
+        # sigma_t(eta), eq. (16): eta=1 gives the DDPM posterior variance (1-ab_prev)/(1-ab) beta_t.
+        var = eta ** 2 * (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
+        x_prev = ab_prev ** 0.5 * x0 + max(1 - ab_prev - var, 0.0) ** 0.5 * eps
+        if var > 0:
+            x_prev = x_prev + var ** 0.5 * noise
+        return x_prev, x0
+
+    @torch.inference_mode()
+    def sample_loop(self, model, shape, steps=None, eta=1.0, device="cpu", generator=None, noise=None):
+        """Run the reverse process from noise, yielding (t, x_t, predicted x_0) after every step.
+
+        steps=None (or T) visits every timestep; with eta=1 that is ancestral DDPM sampling, with
+        eta=0 and fewer steps it is DDIM. Noise is drawn on the CPU generator, so a seed gives the
+        same images on every device.
+        """
+        x = (torch.randn(shape, generator=generator) if noise is None else noise).to(device)
+        for t, t_prev in self.timestep_pairs(steps or self.timesteps):
+            tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
+            eps = model(x, tt).float()
+            z = torch.randn(shape, generator=generator).to(device) if eta > 0 and t_prev >= 0 else None
+            x, x0 = self.step(eps, x, t, t_prev, eta, z)
+            yield t_prev, x, x0
+
+    def sample(self, model, shape, **kw):
+        """The final images of sample_loop, in [-1, 1]."""
+        for _, x, _ in self.sample_loop(model, shape, **kw):
+            pass
+        return x

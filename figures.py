@@ -1,0 +1,55 @@
+"""Figures: pure functions from image tensors (values in [-1, 1]) to PIL images or matplotlib figures.
+
+Nothing here writes files or knows about training; run.py decides where each figure goes.
+"""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
+
+
+def to_pil(grid):
+    """(C, H, W) in [-1, 1] -> PIL image."""
+    arr = ((grid.float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(arr.permute(1, 2, 0).squeeze(-1).numpy())
+
+
+def grid(images, nrow):
+    """(N, 1, 28, 28) -> one PIL image, nrow images per row, 2-pixel padding."""
+    return to_pil(make_grid(images.float().cpu(), nrow=nrow, padding=2, pad_value=-1))
+
+
+def strips(frames, labels, title):
+    """frames (F, N, 1, 28, 28): one row per image, one column per frame, columns labelled."""
+    n_frames, n = frames.shape[:2]
+    rows = frames.transpose(0, 1).reshape(-1, *frames.shape[2:])  # (N * F, 1, 28, 28), row-major
+    fig, ax = plt.subplots(figsize=(0.8 * n_frames + 0.4, 0.8 * n + 0.8), dpi=100)
+    ax.imshow(grid(rows, nrow=n_frames), cmap="gray", vmin=0, vmax=255)
+    ax.set_xticks([2 + 30 * i + 14 for i in range(n_frames)], labels, fontsize=7)
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def animation(frames, nrow):
+    """frames (F, N, 1, 28, 28) -> a list of PIL grid images, one per frame, for a GIF."""
+    return [grid(f, nrow) for f in frames]
+
+
+def loss_curve(history, title):
+    """history: [(step, loss), ...] -> a log-scale plot of the training loss."""
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if history:
+        steps, losses = zip(*history)
+        ax.plot(steps, losses, lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (MSE on eps)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

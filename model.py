@@ -1,0 +1,102 @@
+"""The denoising network: a small residual convolutional U-Net with a timestep embedding.
+
+It maps a noisy image and its timestep to a prediction of the noise; it knows nothing about the
+noise schedule (that lives in diffusion.py).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class UNetConfig:
+    # Narrow at 28x28 and wide at 7x7: a 3x3 conv costs 16x more per parameter at 28x28 than at
+    # 7x7, so most of the ~2.3M parameters sit where they are cheap.
+    channels: tuple = (16, 64, 256)  # width at 28x28, 14x14 and 7x7
+    blocks: tuple = (1, 1, 2)        # residual blocks per level, on the way down and again on the way up
+    groups: int = 8                  # GroupNorm groups
+
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of integer timesteps, as in the Transformer and DDPM papers."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([args.sin(), args.cos()], dim=1)  # (B, dim)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the timestep embedding added between the two convs."""
+
+    def __init__(self, cin, cout, tdim, groups):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.temb = nn.Linear(tdim, cout)
+        self.norm2 = nn.GroupNorm(groups, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity: stable early training
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb(temb)[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return h + self.skip(x)
+
+
+class UNet(nn.Module):
+    """eps = UNet(x, t): x (B, 1, 28, 28) in [-1, 1], t (B,) integer timesteps."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        c, g = cfg.channels, cfg.groups
+        tdim = 4 * c[0]
+        self.time_mlp = nn.Sequential(nn.Linear(c[0], tdim), nn.SiLU(), nn.Linear(tdim, tdim), nn.SiLU())
+        self.stem = nn.Conv2d(1, c[0], 3, padding=1)
+
+        # Down: blocks at each level, then a strided conv to the next (28 -> 14 -> 7).
+        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
+        for i, ch in enumerate(c):
+            cin = c[i - 1] if i else c[0]
+            self.down.append(nn.ModuleList(ResBlock(cin if j == 0 else ch, ch, tdim, g) for j in range(cfg.blocks[i])))
+            if i < len(c) - 1:
+                self.downsample.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+
+        # Up: from the bottom, upsample, concatenate the skip of that level, then blocks.
+        self.upsample, self.up = nn.ModuleList(), nn.ModuleList()
+        for i in reversed(range(len(c) - 1)):
+            self.upsample.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                               nn.Conv2d(c[i + 1], c[i], 3, padding=1)))
+            self.up.append(nn.ModuleList(ResBlock(2 * c[i] if j == 0 else c[i], c[i], tdim, g)
+                                         for j in range(cfg.blocks[i])))
+
+        self.out = nn.Sequential(nn.GroupNorm(g, c[0]), nn.SiLU(), nn.Conv2d(c[0], 1, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x, t):
+        temb = self.time_mlp(timestep_embedding(t, self.cfg.channels[0]))  # (B, tdim)
+        h = self.stem(x)  # (B, c0, 28, 28)
+        skips = []
+        for i, blocks in enumerate(self.down):
+            for block in blocks:
+                h = block(h, temb)
+            if i < len(self.downsample):
+                skips.append(h)
+                h = self.downsample[i](h)
+        # h: (B, c[-1], 7, 7)
+        for upsample, blocks in zip(self.upsample, self.up):
+            h = torch.cat([upsample(h), skips.pop()], dim=1)
+            for block in blocks:
+                h = block(h, temb)
+        return self.out(h)  # (B, 1, 28, 28)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,532 @@
+"""Train a DDPM on MNIST, or sample from a checkpoint.
+
+    python run.py --mode train     # checkpoints/run_NNN/ckpt_*.pt, log.jsonl, loss.png
+    python run.py --mode sample    # gen/sample.png, process.png, process.gif, forward.png
+
+See README.md for every flag.
+"""
+import argparse
+import contextlib
+import glob
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+from torch.optim.swa_utils import AveragedModel
+from tqdm import tqdm
+
+import figures
+from diffusion import Diffusion
+from model import UNet, UNetConfig, count_parameters
+
+FORMAT = "mnist-ddpm/1"  # written into every checkpoint, checked on load
+MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+# Flags that define a run. Their defaults apply to a new run; with --resume, flags not given take the
+# checkpoint's values and flags given must agree with them. --epochs may grow on resume.
+TRAIN_DEFAULTS = dict(channels=UNetConfig.channels, blocks=UNetConfig.blocks, timesteps=1000,
+                      batch_size=128, lr=1e-3, warmup=200, ema_decay=0.999, seed=0)
+
+
+class UserError(Exception):
+    """Bad input or environment: printed as one line naming the fix, exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(f"{message} (see python run.py --help)")
+
+
+def positive_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}")
+    return v
+
+
+def positive_float(s):
+    try:
+        v = float(s)
+    except ValueError:
+        v = -1.0
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {s!r}")
+    return v
+
+
+def int_list(s):
+    try:
+        v = tuple(int(p) for p in s.split(","))
+    except ValueError:
+        v = ()
+    if len(v) != 3 or min(v) < 1:
+        raise argparse.ArgumentTypeError(f"must be three positive integers like 16,64,256, got {s!r}")
+    return v
+
+
+def build_parser():
+    p = Parser(description="DDPM on MNIST: train a small U-Net, or sample from a checkpoint.")
+    p.add_argument("--mode", required=True, choices=["train", "sample"])
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
+                   help="auto picks cuda, then mps, then cpu")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="bf16 autocast with fp32 weights; auto uses bf16 where it is measured faster")
+    p.add_argument("--data-dir", default="dataset/mnist", help="torchvision MNIST root")
+    p.add_argument("--ckpt-dir", default="checkpoints", help="each training run gets a run_NNN folder here")
+    p.add_argument("--out-dir", default="gen", help="where --mode sample writes its figures")
+    p.add_argument("--checkpoint", help="a checkpoint file (default: the newest under --ckpt-dir)")
+    g = p.add_argument_group("training")
+    g.add_argument("--resume", action="store_true", help="continue the newest run (or --checkpoint)")
+    g.add_argument("--epochs", type=positive_int, default=10, help="total epochs of the run")
+    g.add_argument("--batch-size", type=positive_int)
+    g.add_argument("--lr", type=positive_float, help="AdamW peak learning rate")
+    g.add_argument("--warmup", type=positive_int, help="steps of linear learning-rate warm-up")
+    g.add_argument("--ema-decay", type=positive_float, help="EMA decay, reached after a warm-up")
+    g.add_argument("--seed", type=int, help="seed for initialisation, data order and noise")
+    g.add_argument("--timesteps", type=positive_int, help="diffusion steps T")
+    g.add_argument("--channels", type=int_list, help="U-Net widths at 28, 14 and 7 pixels")
+    g.add_argument("--blocks", type=int_list, help="residual blocks per level")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--n-samples", type=positive_int, default=256)
+    g.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"],
+                   help="ddpm: ancestral over all T steps; ddim: --steps evenly spaced steps")
+    g.add_argument("--steps", type=positive_int, help="DDIM steps (default 50)")
+    g.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic (default), 1 DDPM-like")
+    g.add_argument("--sample-seed", type=int, default=0, help="same seed and checkpoint, same images")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# Device, precision, data
+
+
+def pick_device(name):
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    elif name == "cuda":
+        if not cuda:
+            raise UserError("--device cuda: no CUDA GPU is available to PyTorch here; use --device cpu or auto")
+        return torch.device("cuda")
+    elif name == "mps":
+        if not mps:
+            raise UserError("--device mps: Apple's MPS backend is not available here; use --device cpu or auto")
+        return torch.device("mps")
+    elif name == "cpu":
+        return torch.device("cpu")
+    else:
+        raise UserError(f"unknown --device {name!r}; choose auto, cuda, mps or cpu")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def bf16_is_faster(device):
+    """Time a 1024x1024 matmul in fp32 and bf16 on the device: bf16 only pays where it is native."""
+    a = torch.randn(1024, 1024, device=device)
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        b = a.to(dtype)
+        for i in range(8):
+            if i == 3:
+                _sync(device)
+                t0 = time.perf_counter()
+            b @ b
+        _sync(device)
+        times[dtype] = time.perf_counter() - t0
+    return times[torch.bfloat16] < 0.7 * times[torch.float32]
+
+
+def pick_precision(name, device):
+    """The autocast dtype, or None for plain fp32."""
+    if name == "fp32":
+        return None
+    elif name == "bf16":
+        if device.type == "mps":
+            raise UserError("--precision bf16 is not supported on MPS; use --precision fp32 or auto")
+        return torch.bfloat16
+    elif name == "auto":
+        # Never on MPS (unproven there); elsewhere only where this device really runs bf16 faster.
+        return torch.bfloat16 if device.type != "mps" and bf16_is_faster(device) else None
+    else:
+        raise UserError(f"unknown --precision {name!r}; choose auto, fp32 or bf16")
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def load_mnist(root, train=True):
+    """MNIST images as one uint8 tensor (N, 28, 28), downloaded by torchvision if missing."""
+    from torchvision.datasets import MNIST
+    raw = os.path.join(root, "MNIST", "raw")
+    try:
+        return MNIST(root, train=train, download=True).data
+    except Exception as e:  # torchvision raises RuntimeError, URLError or OSError here
+        raise UserError(f"MNIST is missing from {raw} and could not be downloaded ({type(e).__name__}); "
+                        f"put the four files {', '.join(MNIST_FILES)} in {raw}") from None
+
+
+def to_model_range(images):
+    """uint8 (B, 28, 28) -> float (B, 1, 28, 28) in [-1, 1]."""
+    return images.unsqueeze(1).float().div(127.5).sub(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: every write goes through a temporary file and an atomic rename
+
+
+def write_atomic(path, write):
+    """write(f) into a temporary file beside path, then rename it over path: never a partial file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"could not write {path} ({e.strerror or e}); the previous file is untouched") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def save_figure(fig, path):
+    write_atomic(path, lambda f: fig.savefig(f, format="png"))
+    figures.plt.close(fig)
+
+
+def latest_checkpoint(ckpt_dir):
+    paths = glob.glob(os.path.join(ckpt_dir, "run_*", "ckpt_*.pt"))
+    if not paths:
+        raise UserError(f"no checkpoint under {ckpt_dir}/run_*/; train first (python run.py --mode train) "
+                        f"or pass --checkpoint PATH")
+    return max(paths, key=os.path.getmtime)
+
+
+def load_checkpoint(path):
+    """The checkpoint dict at path, with tensors on the CPU; a clear error for anything else."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist; check the path or omit --checkpoint for the newest")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}): it may be truncated "
+                        f"or not from run.py; pick another with --checkpoint") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"{path} is not a checkpoint written by run.py; pick another with --checkpoint")
+    return ckpt
+
+
+def build_model(config):
+    return UNet(UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def run_config(args, ckpt):
+    """The run's settings: flags given, else the checkpoint's (on resume), else the defaults."""
+    cfg = dict(ckpt["train_config"]) if ckpt else dict(TRAIN_DEFAULTS)
+    for key in TRAIN_DEFAULTS:
+        given = getattr(args, key)
+        if given is None:
+            continue
+        if ckpt and given != cfg[key]:
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"--resume: {args.checkpoint_path} was trained with {flag} {fmt(cfg[key])}, "
+                            f"not {fmt(given)}; drop {flag} to resume, or train a new run without --resume")
+        cfg[key] = given
+    return cfg
+
+
+def fmt(v):
+    return ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+
+
+def new_run_dir(ckpt_dir):
+    os.makedirs(ckpt_dir, exist_ok=True)
+    n = 1 + max([int(d[4:]) for d in os.listdir(ckpt_dir) if d.startswith("run_") and d[4:].isdigit()],
+                default=0)
+    path = os.path.join(ckpt_dir, f"run_{n:03d}")
+    os.makedirs(path)
+    return path
+
+
+def ema_update(decay):
+    """EMA with warm-up: the decay grows as (1 + n) / (10 + n) towards its set value."""
+    def update(ema_params, params, num_averaged):
+        d = min(decay, (1 + float(num_averaged)) / (10 + float(num_averaged)))
+        for e, p in zip(ema_params, params):
+            e.lerp_(p.detach(), 1 - d)
+    return update
+
+
+class StopFlag:
+    """The first Ctrl-C asks training to stop at the next step boundary; a second one aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("interrupt: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+
+
+def rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+    elif device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"])
+
+
+def train(args):
+    device = pick_device(args.device)
+    ckpt = None
+    if args.resume:
+        args.checkpoint_path = args.checkpoint or latest_checkpoint(args.ckpt_dir)
+        ckpt = load_checkpoint(args.checkpoint_path)
+    elif args.checkpoint:
+        raise UserError("--checkpoint in train mode needs --resume (to continue that run)")
+    cfg = run_config(args, ckpt)
+    if ckpt and args.epochs < ckpt["epoch"]:
+        raise UserError(f"--epochs {args.epochs} is fewer than the {ckpt['epoch']} epochs the checkpoint "
+                        f"already has; pass a larger --epochs to train on")
+    amp = pick_precision(args.precision, device)
+    images = load_mnist(args.data_dir).to(device)  # (N, 28, 28) uint8, the whole set in memory
+
+    torch.manual_seed(cfg["seed"])
+    diffusion = Diffusion(cfg["timesteps"])
+    model_config = asdict(UNetConfig(channels=cfg["channels"], blocks=cfg["blocks"]))
+    model = build_model(model_config).to(device)
+    ema = AveragedModel(model, multi_avg_fn=ema_update(cfg["ema_decay"]), use_buffers=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], fused=device.type in ("cuda", "cpu"))
+    epoch, batch, step, history, log = 0, 0, 0, [], []
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        ema.module.load_state_dict(ckpt["ema"])
+        ema.n_averaged.fill_(ckpt["ema_updates"])
+        opt.load_state_dict(ckpt["optimizer"])
+        epoch, batch, step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
+        history, log = ckpt["history"], ckpt["log"]
+        set_rng_state(ckpt["rng"], device)
+        run_dir = os.path.dirname(args.checkpoint_path)
+    else:
+        run_dir = new_run_dir(args.ckpt_dir)
+
+    n, bs = images.shape[0], cfg["batch_size"]
+    n_batches = max(1, n // bs)  # the last partial batch is dropped, a fresh order each epoch
+    print(f"UNet {count_parameters(model):,} parameters, channels {fmt(cfg['channels'])}, blocks "
+          f"{fmt(cfg['blocks'])}; T={cfg['timesteps']}; {n:,} images, {n_batches} batches of {bs}; "
+          f"device {device.type}, {'bf16' if amp else 'fp32'}; run {run_dir}")
+
+    def save(last=False):
+        bad = [k for k, v in model.state_dict().items() if not torch.isfinite(v).all()]
+        if bad:
+            raise UserError(f"weights became non-finite ({bad[0]}) at step {step}; not saved, the last good "
+                            f"checkpoint is kept; try a lower --lr")
+        state = {"format": FORMAT, "model_config": model_config, "diffusion_config": diffusion.config(),
+                 "train_config": cfg, "model": model.state_dict(), "ema": ema.module.state_dict(),
+                 "ema_updates": int(ema.n_averaged), "optimizer": opt.state_dict(), "epoch": epoch,
+                 "batch": batch, "step": step, "rng": rng_state(device), "history": history, "log": log}
+        path = os.path.join(run_dir, f"ckpt_{step:08d}.pt")
+        write_atomic(path, lambda f: torch.save(state, f))
+        write_atomic(os.path.join(run_dir, "log.jsonl"),
+                     lambda f: f.write("".join(json.dumps(r) + "\n" for r in log).encode()))
+        save_figure(figures.loss_curve(history, f"{run_dir}: step {step}, epoch {epoch}"),
+                    os.path.join(run_dir, "loss.png"))
+        tqdm.write(f"saved {path}")
+
+    stop = StopFlag()
+    previous_handler = signal.signal(signal.SIGINT, stop)
+    log_every = 50
+    try:
+        model.train()
+        while epoch < args.epochs:
+            # The order of each epoch derives from (seed, epoch) alone, so a resumed run sees the same data.
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg["seed"] * 100_003 + epoch))
+            order = order.to(device)
+            bar = tqdm(total=n_batches * bs, initial=batch * bs, unit="img", desc=f"epoch {epoch + 1}/{args.epochs}",
+                       mininterval=1, dynamic_ncols=True)
+            running, count, epoch_loss, epoch_count, t0 = torch.zeros((), device=device), 0, 0.0, 0, time.time()
+            while batch < n_batches:
+                x0 = to_model_range(images[order[batch * bs:(batch + 1) * bs]])  # (B, 1, 28, 28)
+                for group in opt.param_groups:
+                    group["lr"] = cfg["lr"] * min(1.0, (step + 1) / cfg["warmup"])
+                with autocast(device, amp):
+                    loss = diffusion.loss(model, x0)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                ema.update_parameters(model)
+                running += loss.detach()
+                count += 1
+                batch += 1
+                step += 1
+                bar.update(bs)
+                if count == log_every or batch == n_batches or stop.requested:
+                    mean = running.item() / count  # one host sync per log_every steps
+                    if not math.isfinite(mean):
+                        raise UserError(f"the loss became non-finite by step {step}; stopped without saving "
+                                        f"(the last good checkpoint is kept); try a lower --lr")
+                    history.append([step, mean])
+                    epoch_loss, epoch_count = epoch_loss + mean * count, epoch_count + count
+                    running.zero_()
+                    count = 0
+                    bar.set_postfix(loss=f"{mean:.4f}")
+                if stop.requested:
+                    break
+            bar.close()
+            if stop.requested:
+                save()
+                print(f"stopped at epoch {epoch + 1}, batch {batch}/{n_batches} (step {step}); "
+                      f"continue with --resume")
+                return 130
+            seconds = time.time() - t0
+            log.append({"epoch": epoch + 1, "step": step, "loss": epoch_loss / max(epoch_count, 1),
+                        "images_per_s": round(epoch_count * bs / seconds, 1), "seconds": round(seconds, 1),
+                        "lr": opt.param_groups[0]["lr"]})
+            epoch, batch = epoch + 1, 0
+            save()
+        print(f"done: {epoch} epochs, {step} steps; sample with python run.py --mode sample")
+        return 0
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        if not os.listdir(run_dir):  # a run that failed before its first checkpoint leaves no empty folder
+            os.rmdir(run_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sampler_settings(args, timesteps):
+    """(steps, eta) for the chosen sampler; DDPM means every step with the posterior variance."""
+    if args.sampler == "ddpm":
+        if args.steps not in (None, timesteps):
+            raise UserError(f"--sampler ddpm always runs all {timesteps} steps; use --sampler ddim for --steps")
+        if args.eta not in (None, 1.0):
+            raise UserError("--sampler ddpm has eta 1 by definition; use --sampler ddim to set --eta")
+        return timesteps, 1.0
+    elif args.sampler == "ddim":
+        steps = args.steps or min(50, timesteps)
+        if steps > timesteps:
+            raise UserError(f"--steps {steps} exceeds the checkpoint's {timesteps} timesteps")
+        return steps, 0.0 if args.eta is None else args.eta
+    else:
+        raise UserError(f"unknown --sampler {args.sampler!r}; choose ddpm or ddim")
+
+
+def sample(args):
+    device = pick_device(args.device)
+    path = args.checkpoint or latest_checkpoint(args.ckpt_dir)
+    ckpt = load_checkpoint(path)
+    diffusion = Diffusion(**ckpt["diffusion_config"])
+    steps, eta = sampler_settings(args, diffusion.timesteps)
+    amp = pick_precision(args.precision, device)
+    model = build_model(ckpt["model_config"]).to(device)
+    model.load_state_dict(ckpt["ema"])
+    model.eval()
+    print(f"{path}: epoch {ckpt['epoch']}, step {ckpt['step']}; {args.sampler} with {steps} steps, "
+          f"eta {eta}; {args.n_samples} samples on {device.type}, {'bf16' if amp else 'fp32'}")
+
+    def denoise(x, t):
+        with autocast(device, amp):
+            return model(x, t)
+
+    # One sampling run gives the grid, the strips and the animation: keep a few frames of a few samples.
+    n, n_strip, n_anim = args.n_samples, min(6, args.n_samples), min(64, args.n_samples)
+    strip_at = set(torch.linspace(0, steps, min(12, steps + 1)).round().long().tolist())
+    anim_at = set(torch.linspace(0, steps, min(40, steps + 1)).round().long().tolist())
+    noise = torch.randn((n, 1, 28, 28), generator=torch.Generator().manual_seed(args.sample_seed))
+    strip, labels, anim = [noise[:n_strip]], ["noise"], [noise[:n_anim]]
+    t0 = time.time()
+    loop = diffusion.sample_loop(denoise, noise.shape, steps=steps, eta=eta, device=device,
+                                 generator=torch.Generator().manual_seed(args.sample_seed + 1), noise=noise)
+    for k, (t, x, _) in enumerate(tqdm(loop, total=steps, desc="sampling", mininterval=1), start=1):
+        if k in strip_at:
+            strip.append(x[:n_strip].cpu())
+            labels.append(f"t={t}" if t >= 0 else "x0")
+        if k in anim_at:
+            anim.append(x[:n_anim].cpu())
+    seconds = time.time() - t0
+    x = x.cpu()
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    out = lambda name: os.path.join(args.out_dir, name)  # noqa: E731
+    nrow = math.ceil(math.sqrt(n))
+    write_atomic(out("sample.png"), lambda f: figures.grid(x, nrow).save(f, format="PNG"))
+    save_figure(figures.strips(torch.stack(strip), labels, f"reverse process, {args.sampler} {steps} steps"),
+                out("process.png"))
+    frames = figures.animation(torch.stack(anim), math.ceil(math.sqrt(n_anim)))
+    durations = [80] * (len(frames) - 1) + [1500]  # hold the finished digits
+    write_atomic(out("process.gif"), lambda f: frames[0].save(
+        f, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0))
+    written = ["sample.png", "process.png", "process.gif"]
+    try:
+        real = to_model_range(load_mnist(args.data_dir)[:6])
+        ts = torch.linspace(0, diffusion.timesteps - 1, 10).round().long()
+        g = torch.Generator().manual_seed(args.sample_seed)
+        noised = [diffusion.q_sample(real, t.repeat(len(real)), torch.randn(real.shape, generator=g)) for t in ts]
+        save_figure(figures.strips(torch.stack([real] + noised), ["x0"] + [f"t={t}" for t in ts.tolist()],
+                                   "forward process q(x_t | x_0) on real digits"), out("forward.png"))
+        written.append("forward.png")
+    except UserError as e:
+        print(f"skipped forward.png: {e}")
+    print(f"sampled {n} images in {seconds:.1f} s; wrote {', '.join(out(w) for w in written)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    try:
+        args = build_parser().parse_args(argv)
+        if args.mode == "train":
+            return train(args)
+        elif args.mode == "sample":
+            return sample(args)
+        else:
+            raise UserError(f"unknown --mode {args.mode!r}; choose train or sample")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; files written so far are complete", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

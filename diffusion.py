@@ -21,10 +21,13 @@ class Diffusion:
         betas = betas.clamp(max=0.999)
         alpha_bar = torch.cumprod(1 - betas, dim=0)
         alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
-        # Computed in float64 on the CPU, kept as float32 (MPS has no float64).
+        # Computed in float64 on the CPU, kept as float32 tensors (MPS has no float64). 1 - alpha_bar
+        # is taken before the cast: near t=0 it is ~1e-4, which float32 alpha_bar would blur.
         self.betas = betas.float()
         self.alpha_bar = alpha_bar.float()
-        self.alpha_bar_prev = alpha_bar_prev.float()
+        self.sqrt_alpha_bar = alpha_bar.sqrt().float()
+        self.sqrt_one_minus_alpha_bar = (1 - alpha_bar).sqrt().float()
+        self._alpha_bar = alpha_bar.tolist()  # Python floats (float64) for the sampler's per-step scalars
         # Posterior q(x_{t-1} | x_t, x_0), eqs. (6)-(7) of DDPM.
         self.posterior_var = (betas * (1 - alpha_bar_prev) / (1 - alpha_bar)).float()
         self.posterior_coef_x0 = (betas * alpha_bar_prev.sqrt() / (1 - alpha_bar)).float()
@@ -40,8 +43,7 @@ class Diffusion:
 
     def q_sample(self, x0, t, noise):
         """x_t ~ q(x_t | x_0), eq. (4): sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
-        ab = self._at(self.alpha_bar, t, x0)
-        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        return self._at(self.sqrt_alpha_bar, t, x0) * x0 + self._at(self.sqrt_one_minus_alpha_bar, t, x0) * noise
 
     def q_posterior(self, x0, xt, t):
         """Mean and variance of q(x_{t-1} | x_t, x_0), eq. (7)."""
@@ -70,8 +72,8 @@ class Diffusion:
         eta=0 is deterministic DDIM; eta=1 over consecutive steps is the DDPM ancestral step with the
         posterior variance beta-tilde. Also returns the predicted x_0, clipped to [-1, 1].
         """
-        ab = self.alpha_bar[t].item()
-        ab_prev = self.alpha_bar[t_prev].item() if t_prev >= 0 else 1.0
+        ab = self._alpha_bar[t]
+        ab_prev = self._alpha_bar[t_prev] if t_prev >= 0 else 1.0
         x0 = ((xt - (1 - ab) ** 0.5 * eps) / ab ** 0.5).clamp(-1, 1)  # eq. (9) solved for x_0
         eps = (xt - ab ** 0.5 * x0) / (1 - ab) ** 0.5  # the noise consistent with the clipped x_0
         # sigma_t(eta), eq. (16): eta=1 gives the DDPM posterior variance (1-ab_prev)/(1-ab) beta_t.

@@ -222,6 +222,10 @@ def latest_checkpoint(ckpt_dir):
     return max(paths, key=os.path.getmtime)
 
 
+def save_checkpoint(state, path):
+    write_atomic(path, lambda f: torch.save(state, f))
+
+
 def load_checkpoint(path):
     """The checkpoint dict at path, with tensors on the CPU; a clear error for anything else."""
     if not os.path.isfile(path):
@@ -361,7 +365,7 @@ def train(args):
                  "ema_updates": int(ema.n_averaged), "optimizer": opt.state_dict(), "epoch": epoch,
                  "batch": batch, "step": step, "rng": rng_state(device), "history": history, "log": log}
         path = os.path.join(run_dir, f"ckpt_{step:08d}.pt")
-        write_atomic(path, lambda f: torch.save(state, f))
+        save_checkpoint(state, path)
         write_atomic(os.path.join(run_dir, "log.jsonl"),
                      lambda f: f.write("".join(json.dumps(r) + "\n" for r in log).encode()))
         save_figure(figures.loss_curve(history, f"{run_dir}: step {step}, epoch {epoch}"),

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny synthetic MNIST files and a tiny trained run, all in temporary folders."""
+import os
+import shutil
+import struct
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import run  # noqa: E402
+
+# A model and schedule small enough that a whole training epoch takes a second.
+TINY = ["--channels", "8,16,32", "--blocks", "1,1,1", "--timesteps", "20", "--batch-size", "16",
+        "--precision", "fp32", "--device", "cpu"]
+
+
+def write_idx(path, tensor):
+    """Write a uint8 tensor in the IDX format MNIST ships in (magic, sizes, raw bytes, big-endian)."""
+    with open(path, "wb") as f:
+        f.write(struct.pack(">HBB", 0, 0x08, tensor.dim()))
+        f.write(struct.pack(f">{tensor.dim()}I", *tensor.shape))
+        f.write(tensor.contiguous().numpy().tobytes())
+
+
+def make_mnist(root, n_train=64, n_test=32):
+    """Synthetic digits: digit k is a bright bar at row 4 + 2k, plus a little noise."""
+    raw = os.path.join(root, "MNIST", "raw")
+    os.makedirs(raw, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = torch.arange(n, dtype=torch.uint8) % 10
+        images = torch.randint(0, 30, (n, 28, 28), generator=g, dtype=torch.uint8)
+        for i, k in enumerate(labels.tolist()):
+            images[i, 4 + 2 * k: 6 + 2 * k, 6:22] = 255
+        write_idx(os.path.join(raw, f"{split}-images-idx3-ubyte"), images)
+        write_idx(os.path.join(raw, f"{split}-labels-idx1-ubyte"), labels)
+    return root
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory):
+    return make_mnist(str(tmp_path_factory.mktemp("mnist")))
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, mnist_root):
+    """A tiny run trained for one epoch, and the figures sampled from it."""
+    root = tmp_path_factory.mktemp("trained")
+    ckpt_dir, out_dir = str(root / "checkpoints"), str(root / "gen")
+    assert run.main(["--mode", "train", "--epochs", "1", "--data-dir", mnist_root, "--ckpt-dir", ckpt_dir,
+                     *TINY]) == 0
+    assert run.main(["--mode", "sample", "--data-dir", mnist_root, "--ckpt-dir", ckpt_dir, "--out-dir", out_dir,
+                     "--steps", "5", "--device", "cpu", "--precision", "fp32"]) == 0
+    return {"ckpt_dir": ckpt_dir, "out_dir": out_dir, "checkpoint": run.latest_checkpoint(ckpt_dir)}
+
+
+@pytest.fixture
+def workspace(tmp_path, trained, mnist_root):
+    """A private copy of the trained run's checkpoints and figures, for tests that might touch them."""
+    ckpt_dir, out_dir = str(tmp_path / "checkpoints"), str(tmp_path / "gen")
+    shutil.copytree(trained["ckpt_dir"], ckpt_dir)
+    shutil.copytree(trained["out_dir"], out_dir)
+    return {"ckpt_dir": ckpt_dir, "out_dir": out_dir, "data_dir": mnist_root,
+            "checkpoint": run.latest_checkpoint(ckpt_dir)}

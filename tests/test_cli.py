@@ -1,0 +1,107 @@
+"""Bad input: one line on stderr, a non-zero exit, no traceback, and nothing the user had is lost."""
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+import run
+from conftest import TINY
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def snapshot(*dirs):
+    """Every file under dirs with a hash of its content."""
+    files = {}
+    for d in dirs:
+        for folder, _, names in os.walk(d):
+            for name in names:
+                path = os.path.join(folder, name)
+                files[path] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return files
+
+
+def fails_cleanly(capsys, workspace, argv, expect):
+    before = snapshot(workspace["ckpt_dir"], workspace["out_dir"])
+    code = run.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    assert expect in err, err
+    assert snapshot(workspace["ckpt_dir"], workspace["out_dir"]) == before
+
+
+def args(workspace, *argv):
+    return ["--data-dir", workspace["data_dir"], "--ckpt-dir", workspace["ckpt_dir"],
+            "--out-dir", workspace["out_dir"], *argv]
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["--mode", "paint"], "invalid choice: 'paint'"),
+    ([], "--mode"),
+    (["--mode", "train", "--epochs", "0"], "--epochs: must be a positive integer"),
+    (["--mode", "train", "--epochs", "-3"], "--epochs: must be a positive integer"),
+    (["--mode", "train", "--batch-size", "0"], "--batch-size: must be a positive integer"),
+    (["--mode", "train", "--timesteps", "0"], "--timesteps: must be a positive integer"),
+    (["--mode", "train", "--lr", "nan"], "--lr: must be a positive number"),
+    (["--mode", "train", "--channels", "8,16"], "--channels: must be three positive integers"),
+    (["--mode", "sample", "--checkpoint", "no/such/file.pt"], "does not exist"),
+    (["--mode", "sample", "--sampler", "ddpm", "--steps", "5"], "--sampler ddpm always runs all"),
+    (["--mode", "sample", "--steps", "999"], "exceeds the checkpoint's 20 timesteps"),
+    (["--mode", "train", "--checkpoint", "x.pt"], "needs --resume"),
+])
+def test_bad_arguments(capsys, workspace, argv, expect):
+    fails_cleanly(capsys, workspace, args(workspace, *argv), expect)
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+def test_unavailable_device(capsys, workspace, monkeypatch, device):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for mode in ("train", "sample"):
+        fails_cleanly(capsys, workspace, args(workspace, "--mode", mode, "--device", device),
+                      f"--device {device}:")
+
+
+@pytest.mark.parametrize("content", ["truncated", "text", "empty", "foreign"])
+def test_bad_checkpoint_files(capsys, workspace, tmp_path, content):
+    path = str(tmp_path / "bad.pt")
+    good = open(workspace["checkpoint"], "rb").read()
+    if content == "truncated":
+        open(path, "wb").write(good[: len(good) // 2])
+    elif content == "text":
+        open(path, "w").write("not a checkpoint\n")
+    elif content == "empty":
+        open(path, "wb").close()
+    else:  # a plain state_dict, as another tool would save it
+        torch.save(torch.nn.Linear(2, 2).state_dict(), path)
+    for mode in ("sample", "train"):
+        extra = ["--resume"] if mode == "train" else []
+        fails_cleanly(capsys, workspace, args(workspace, "--mode", mode, "--checkpoint", path, *extra), path)
+
+
+def test_resume_with_a_different_configuration(capsys, workspace):
+    fails_cleanly(capsys, workspace, args(workspace, "--mode", "train", "--resume", "--timesteps", "30"),
+                  "was trained with --timesteps 20, not 30")
+    fails_cleanly(capsys, workspace, args(workspace, "--mode", "train", "--resume", "--channels", "8,16,64"),
+                  "was trained with --channels 8,16,32, not 8,16,64")
+
+
+def test_missing_mnist_without_network(capsys, workspace, tmp_path, monkeypatch):
+    # Point torchvision's mirrors at a closed local port: the download fails at once, network or not.
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    empty = str(tmp_path / "no-mnist")
+    argv = ["--data-dir", empty, "--ckpt-dir", workspace["ckpt_dir"], "--mode", "train", *TINY]
+    fails_cleanly(capsys, workspace, argv, os.path.join(empty, "MNIST", "raw"))
+    assert sorted(os.listdir(workspace["ckpt_dir"])) == ["run_001"]  # no empty run folder left
+
+
+def test_the_real_command_line_shows_no_traceback(tmp_path):
+    for argv in (["--mode", "bogus"], ["--mode", "sample", "--checkpoint", str(tmp_path / "none.pt")]):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), *argv], capture_output=True,
+                           text=True, cwd=tmp_path)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr

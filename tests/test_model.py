@@ -1,0 +1,42 @@
+"""The U-Net: shapes, size, and that it listens to its timestep."""
+import torch
+
+import run
+from model import UNet, UNetConfig, count_parameters
+
+
+def test_default_size_matches_the_design_card():
+    n = count_parameters(UNet(UNetConfig()))
+    assert 2_000_000 <= n <= 2_600_000
+
+
+def test_output_shape_and_timestep_dependence():
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(channels=(8, 16, 32), blocks=(1, 2, 1)))
+    for p in model.parameters():  # undo the zero init, so every path contributes
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(5, 1, 28, 28)
+    out = model(x, torch.full((5,), 3))
+    assert out.shape == (5, 1, 28, 28)
+    assert not torch.allclose(out, model(x, torch.full((5,), 700)))
+
+
+def test_wider_channels_mean_more_parameters():
+    small = count_parameters(UNet(UNetConfig(channels=(8, 16, 32))))
+    assert count_parameters(UNet(UNetConfig(channels=(16, 32, 64)))) > 3 * small
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    cfg = UNetConfig(channels=(8, 16, 32), blocks=(1, 1, 1))
+    model = UNet(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    path = str(tmp_path / "ckpt.pt")
+    run.save_checkpoint({"format": run.FORMAT, "model_config": vars(cfg), "ema": model.state_dict()}, path)
+    ckpt = run.load_checkpoint(path)
+    rebuilt = run.build_model(ckpt["model_config"])
+    rebuilt.load_state_dict(ckpt["ema"])
+    x, t = torch.randn(3, 1, 28, 28), torch.tensor([0, 10, 999])
+    assert torch.equal(model(x, t), rebuilt(x, t))
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]

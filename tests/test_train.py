@@ -1,0 +1,120 @@
+"""Training and sampling end to end on synthetic MNIST: loss, checkpoints, resume, figures."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import run
+from conftest import TINY
+from diffusion import Diffusion
+from model import UNet, UNetConfig
+
+
+def test_loss_falls_when_overfitting_a_handful_of_images(mnist_root):
+    torch.manual_seed(0)
+    x0 = run.to_model_range(run.load_mnist(mnist_root)[:8])
+    d, model = Diffusion(100), UNet(UNetConfig(channels=(8, 16, 32), blocks=(1, 1, 1)))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+
+    def held_out_loss():  # the same t and noise every time
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return d.loss(model, x0.repeat(8, 1, 1, 1)).item()
+
+    before = held_out_loss()
+    for _ in range(150):
+        loss = d.loss(model, x0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert held_out_loss() < 0.5 * before
+
+
+def test_one_epoch_writes_a_complete_checkpoint_and_log(trained):
+    ckpt = run.load_checkpoint(trained["checkpoint"])
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 4 and ckpt["batch"] == 0  # 64 images / 16
+    assert ckpt["model_config"] == {"channels": (8, 16, 32), "blocks": (1, 1, 1), "groups": 8}
+    assert ckpt["diffusion_config"]["timesteps"] == 20
+    assert set(ckpt["ema"]) == set(ckpt["model"]) and ckpt["ema_updates"] == 4
+    run_dir = os.path.dirname(trained["checkpoint"])
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
+    assert [r["epoch"] for r in rows] == [1] and rows[0]["images_per_s"] > 0
+    assert Image.open(os.path.join(run_dir, "loss.png")).size[0] > 100
+    assert sorted(os.listdir(run_dir)) == ["ckpt_00000004.pt", "log.jsonl", "loss.png"]
+
+
+def test_sample_writes_every_figure_with_the_right_size(trained):
+    out = trained["out_dir"]
+    assert sorted(os.listdir(out)) == ["forward.png", "process.gif", "process.png", "sample.png"]
+    assert Image.open(os.path.join(out, "sample.png")).size == (482, 482)  # 16 x 16 grid, padding 2
+    gif = Image.open(os.path.join(out, "process.gif"))
+    # 8 x 8 grid; up to noise + 5 DDIM steps (GIF merges frames that quantize identically)
+    assert gif.size == (242, 242) and 2 <= gif.n_frames <= 6
+    for name in ("process.png", "forward.png"):
+        image = Image.open(os.path.join(out, name))
+        assert image.format == "PNG" and min(image.size) > 300
+
+
+def test_same_seed_same_images_and_another_seed_differs(workspace, tmp_path):
+    images = []
+    for seed, name in ((7, "a"), (7, "b"), (8, "c")):
+        out = str(tmp_path / name)
+        assert run.main(["--mode", "sample", "--checkpoint", workspace["checkpoint"], "--out-dir", out,
+                         "--n-samples", "4", "--steps", "3", "--sample-seed", str(seed),
+                         "--data-dir", workspace["data_dir"], "--device", "cpu", "--precision", "fp32"]) == 0
+        images.append(torch.from_numpy(np.asarray(Image.open(os.path.join(out, "sample.png")))))
+    assert torch.equal(images[0], images[1]) and not torch.equal(images[0], images[2])
+
+
+def train(workspace, *extra):
+    return run.main(["--mode", "train", "--data-dir", workspace["data_dir"], "--ckpt-dir", workspace["ckpt_dir"],
+                     *TINY, *extra])
+
+
+def test_resume_continues_the_step_count_in_the_same_run(workspace):
+    assert train(workspace, "--resume", "--epochs", "2") == 0
+    newest = run.latest_checkpoint(workspace["ckpt_dir"])
+    ckpt = run.load_checkpoint(newest)
+    assert os.path.dirname(newest) == os.path.dirname(workspace["checkpoint"])
+    assert (ckpt["epoch"], ckpt["step"]) == (2, 8)
+    assert [r["epoch"] for r in ckpt["log"]] == [1, 2]
+
+
+def test_resume_is_exact(workspace, tmp_path):
+    """Two epochs straight, or one, a resume, and one more: bit-identical weights and optimizer."""
+    straight = dict(workspace, ckpt_dir=str(tmp_path / "straight"))
+    assert train(straight, "--epochs", "2") == 0
+    assert train(workspace, "--resume", "--epochs", "2") == 0
+    a = run.load_checkpoint(run.latest_checkpoint(straight["ckpt_dir"]))
+    b = run.load_checkpoint(run.latest_checkpoint(workspace["ckpt_dir"]))
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    assert a["history"] == b["history"]
+
+
+def test_a_new_run_never_touches_an_earlier_one(workspace):
+    before = sorted(os.listdir(workspace["ckpt_dir"]))
+    assert train(workspace, "--epochs", "1") == 0
+    assert sorted(os.listdir(workspace["ckpt_dir"])) == sorted(before + ["run_002"])
+
+
+@pytest.mark.parametrize("cuda,mps,expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert run.pick_device("auto").type == expected
+    if cuda:
+        assert run.pick_device("cuda").type == "cuda"
+
+
+def test_precision_choice():
+    cpu = torch.device("cpu")
+    assert run.pick_precision("fp32", cpu) is None
+    assert run.pick_precision("bf16", cpu) is torch.bfloat16
+    assert run.pick_precision("auto", cpu) in (None, torch.bfloat16)
+    assert run.pick_precision("auto", torch.device("mps")) is None  # fp32 only on MPS

@@ -40,16 +40,21 @@ def animation(frames, nrow):
     return [grid(f, nrow) for f in frames]
 
 
-def loss_curve(history, title):
-    """history: [(step, loss), ...] -> a log-scale plot of the training loss."""
+def loss_curve(history, title, evals=()):
+    """history [(step, loss)] on a log scale; evals [(step, FID)], if any, on a second axis."""
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     if history:
         steps, losses = zip(*history)
-        ax.plot(steps, losses, lw=1)
+        ax.plot(steps, losses, lw=1, label="training loss")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (MSE on eps)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*evals), "o-", color="tab:red", label="FID (500 samples)")
+        ax2.set_ylabel("FID", color="tab:red")
+        ax2.set_yscale("log")
     fig.tight_layout()
     return fig

@@ -20,6 +20,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
+import evaluate
 import figures
 from diffusion import Diffusion
 from model import UNet, UNetConfig, count_parameters
@@ -78,34 +79,43 @@ def int_list(s):
 
 
 def build_parser():
-    p = Parser(description="DDPM on MNIST: train a small U-Net, or sample from a checkpoint.")
-    p.add_argument("--mode", required=True, choices=["train", "sample"])
+    D = TRAIN_DEFAULTS
+    p = Parser(description="DDPM on MNIST: train a small U-Net, sample from it, or measure its samples.")
+    p.add_argument("--mode", required=True, choices=["train", "sample", "eval"])
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
-                   help="auto picks cuda, then mps, then cpu")
+                   help="auto picks cuda, then mps, then cpu (default auto)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="bf16 autocast with fp32 weights; auto uses bf16 where it is measured faster")
-    p.add_argument("--data-dir", default="dataset/mnist", help="torchvision MNIST root")
-    p.add_argument("--ckpt-dir", default="checkpoints", help="each training run gets a run_NNN folder here")
-    p.add_argument("--out-dir", default="gen", help="where --mode sample writes its figures")
-    p.add_argument("--checkpoint", help="a checkpoint file (default: the newest under --ckpt-dir)")
-    g = p.add_argument_group("training")
-    g.add_argument("--resume", action="store_true", help="continue the newest run (or --checkpoint)")
-    g.add_argument("--epochs", type=positive_int, default=10, help="total epochs of the run")
-    g.add_argument("--batch-size", type=positive_int)
-    g.add_argument("--lr", type=positive_float, help="AdamW peak learning rate")
-    g.add_argument("--warmup", type=positive_int, help="steps of linear learning-rate warm-up")
-    g.add_argument("--ema-decay", type=positive_float, help="EMA decay, reached after a warm-up")
-    g.add_argument("--seed", type=int, help="seed for initialisation, data order and noise")
-    g.add_argument("--timesteps", type=positive_int, help="diffusion steps T")
-    g.add_argument("--channels", type=int_list, help="U-Net widths at 28, 14 and 7 pixels")
-    g.add_argument("--blocks", type=int_list, help="residual blocks per level")
-    g = p.add_argument_group("sampling")
-    g.add_argument("--n-samples", type=positive_int, default=256)
+                   help="bf16 autocast with fp32 weights; auto: bf16 where measured faster (default auto)")
+    p.add_argument("--data-dir", default="dataset/mnist", metavar="DIR", help="MNIST root (default dataset/mnist)")
+    p.add_argument("--ckpt-dir", default="checkpoints", metavar="DIR",
+                   help="runs go in DIR/run_NNN; the eval classifier in DIR (default checkpoints)")
+    p.add_argument("--out-dir", default="gen", metavar="DIR", help="figures and eval.json (default gen)")
+    p.add_argument("--checkpoint", metavar="PATH", help="checkpoint to sample, evaluate or resume "
+                                                        "(default: the newest under --ckpt-dir)")
+    g = p.add_argument_group("training (a new run takes the defaults; --resume takes the checkpoint's)")
+    g.add_argument("--resume", action="store_true", help="continue the newest run, or --checkpoint")
+    g.add_argument("--epochs", type=positive_int, default=10, metavar="N", help="total epochs of the run (default 10)")
+    g.add_argument("--batch-size", type=positive_int, metavar="N", help=f"default {D['batch_size']}")
+    g.add_argument("--lr", type=positive_float, help=f"AdamW learning rate (default {D['lr']})")
+    g.add_argument("--warmup", type=positive_int, metavar="N", help=f"steps of linear lr warm-up (default {D['warmup']})")
+    g.add_argument("--ema-decay", type=positive_float, metavar="D",
+                   help=f"EMA decay, approached as (1+n)/(10+n) (default {D['ema_decay']})")
+    g.add_argument("--seed", type=int, help=f"initialisation, data order and noise (default {D['seed']})")
+    g.add_argument("--timesteps", type=positive_int, metavar="T", help=f"diffusion steps (default {D['timesteps']})")
+    g.add_argument("--channels", type=int_list, metavar="A,B,C",
+                   help=f"U-Net widths at 28, 14 and 7 pixels (default {fmt(D['channels'])})")
+    g.add_argument("--blocks", type=int_list, metavar="A,B,C",
+                   help=f"residual blocks per level (default {fmt(D['blocks'])})")
+    g.add_argument("--eval-every", type=positive_int, metavar="K",
+                   help="every K epochs, FID etc. of 500 DDIM-20 samples into the log and loss.png")
+    g = p.add_argument_group("sampling and evaluation")
+    g.add_argument("--n-samples", type=positive_int, metavar="N", help="images to draw (default: sample 256, eval 1000)")
     g.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"],
-                   help="ddpm: ancestral over all T steps; ddim: --steps evenly spaced steps")
-    g.add_argument("--steps", type=positive_int, help="DDIM steps (default 50)")
-    g.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic (default), 1 DDPM-like")
-    g.add_argument("--sample-seed", type=int, default=0, help="same seed and checkpoint, same images")
+                   help="ddpm: ancestral, all T steps; ddim: --steps evenly spaced steps (default ddim)")
+    g.add_argument("--steps", type=positive_int, metavar="N", help="DDIM steps (default 50)")
+    g.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic (default), 1 ancestral")
+    g.add_argument("--sample-seed", type=int, default=0, metavar="S",
+                   help="same seed and checkpoint, same images (default 0)")
     return p
 
 
@@ -174,11 +184,12 @@ def autocast(device, dtype):
 
 
 def load_mnist(root, train=True):
-    """MNIST images as one uint8 tensor (N, 28, 28), downloaded by torchvision if missing."""
+    """MNIST images (N, 28, 28) uint8 and labels (N,), downloaded by torchvision if missing."""
     from torchvision.datasets import MNIST
     raw = os.path.join(root, "MNIST", "raw")
     try:
-        return MNIST(root, train=train, download=True).data
+        ds = MNIST(root, train=train, download=True)
+        return ds.data, ds.targets
     except Exception as e:  # torchvision raises RuntimeError, URLError or OSError here
         raise UserError(f"MNIST is missing from {raw} and could not be downloaded ({type(e).__name__}); "
                         f"put the four files {', '.join(MNIST_FILES)} in {raw}") from None
@@ -285,6 +296,25 @@ def ema_update(decay):
     return update
 
 
+def make_trainable(model_config, cfg, device):
+    """The network, its EMA copy and the optimizer, on the device."""
+    model = build_model(model_config).to(device)
+    ema = AveragedModel(model, multi_avg_fn=ema_update(cfg["ema_decay"]), use_buffers=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], fused=device.type in ("cuda", "cpu"))
+    return model, ema, opt
+
+
+def train_step(diffusion, model, ema, opt, x0, device, amp):
+    """One optimizer step on a batch x0 (B, 1, 28, 28); returns the loss as a device tensor (no sync)."""
+    with autocast(device, amp):
+        loss = diffusion.loss(model, x0)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    ema.update_parameters(model)
+    return loss.detach()
+
+
 class StopFlag:
     """The first Ctrl-C asks training to stop at the next step boundary; a second one aborts at once."""
 
@@ -328,14 +358,13 @@ def train(args):
         raise UserError(f"--epochs {args.epochs} is fewer than the {ckpt['epoch']} epochs the checkpoint "
                         f"already has; pass a larger --epochs to train on")
     amp = pick_precision(args.precision, device)
-    images = load_mnist(args.data_dir).to(device)  # (N, 28, 28) uint8, the whole set in memory
+    images = load_mnist(args.data_dir)[0].to(device)  # (N, 28, 28) uint8, the whole set in memory
+    judge = Judge(args, device) if args.eval_every else None
 
     torch.manual_seed(cfg["seed"])
     diffusion = Diffusion(cfg["timesteps"])
     model_config = asdict(UNetConfig(channels=cfg["channels"], blocks=cfg["blocks"]))
-    model = build_model(model_config).to(device)
-    ema = AveragedModel(model, multi_avg_fn=ema_update(cfg["ema_decay"]), use_buffers=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], fused=device.type in ("cuda", "cpu"))
+    model, ema, opt = make_trainable(model_config, cfg, device)
     epoch, batch, step, history, log = 0, 0, 0, [], []
     if ckpt:
         model.load_state_dict(ckpt["model"])
@@ -368,7 +397,8 @@ def train(args):
         save_checkpoint(state, path)
         write_atomic(os.path.join(run_dir, "log.jsonl"),
                      lambda f: f.write("".join(json.dumps(r) + "\n" for r in log).encode()))
-        save_figure(figures.loss_curve(history, f"{run_dir}: step {step}, epoch {epoch}"),
+        evals = [(r["step"], r["fid"]) for r in log if "fid" in r]
+        save_figure(figures.loss_curve(history, f"{run_dir}: step {step}, epoch {epoch}", evals),
                     os.path.join(run_dir, "loss.png"))
         tqdm.write(f"saved {path}")
 
@@ -388,13 +418,7 @@ def train(args):
                 x0 = to_model_range(images[order[batch * bs:(batch + 1) * bs]])  # (B, 1, 28, 28)
                 for group in opt.param_groups:
                     group["lr"] = cfg["lr"] * min(1.0, (step + 1) / cfg["warmup"])
-                with autocast(device, amp):
-                    loss = diffusion.loss(model, x0)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                ema.update_parameters(model)
-                running += loss.detach()
+                running += train_step(diffusion, model, ema, opt, x0, device, amp)
                 count += 1
                 batch += 1
                 step += 1
@@ -422,6 +446,13 @@ def train(args):
                         "images_per_s": round(epoch_count * bs / seconds, 1), "seconds": round(seconds, 1),
                         "lr": opt.param_groups[0]["lr"]})
             epoch, batch = epoch + 1, 0
+            if judge and epoch % args.eval_every == 0:
+                fake = generate(denoiser(ema.module, device, amp), diffusion, 500, min(20, cfg["timesteps"]), 0.0,
+                                device, seed=0, desc="quick eval")
+                quick = judge(fake)
+                log[-1].update({k: quick[k] for k in ("fid", "precision", "recall", "confident", "entropy")})
+                tqdm.write(f"epoch {epoch}: FID {quick['fid']:.3f}, precision {quick['precision']:.3f}, recall "
+                           f"{quick['recall']:.3f}, confident {quick['confident']:.3f} (500 DDIM-20 samples)")
             save()
         print(f"done: {epoch} epochs, {step} steps; sample with python run.py --mode sample")
         return 0
@@ -452,7 +483,8 @@ def sampler_settings(args, timesteps):
         raise UserError(f"unknown --sampler {args.sampler!r}; choose ddpm or ddim")
 
 
-def sample(args):
+def load_for_sampling(args):
+    """Everything sampling needs from a checkpoint: (path, ckpt, device, diffusion, denoise, steps, eta)."""
     device = pick_device(args.device)
     path = args.checkpoint or latest_checkpoint(args.ckpt_dir)
     ckpt = load_checkpoint(path)
@@ -463,14 +495,38 @@ def sample(args):
     model.load_state_dict(ckpt["ema"])
     model.eval()
     print(f"{path}: epoch {ckpt['epoch']}, step {ckpt['step']}; {args.sampler} with {steps} steps, "
-          f"eta {eta}; {args.n_samples} samples on {device.type}, {'bf16' if amp else 'fp32'}")
+          f"eta {eta}; {device.type}, {'bf16' if amp else 'fp32'}")
+    return path, ckpt, device, diffusion, denoiser(model, device, amp), steps, eta
 
+
+def denoiser(model, device, amp):
+    """model as a plain (x, t) -> eps function, under autocast when amp is set."""
     def denoise(x, t):
         with autocast(device, amp):
             return model(x, t)
+    return denoise
+
+
+def generate(denoise, diffusion, n, steps, eta, device, seed, batch_size=500, desc="sampling"):
+    """n final samples (n, 1, 28, 28) on the CPU, drawn in batches; the same seed gives the same images."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)]
+    out = []
+    with tqdm(total=n * steps, unit="img-step", desc=desc, mininterval=1, leave=False) as bar:
+        for m in sizes:
+            for _, x, _ in diffusion.sample_loop(denoise, (m, 1, 28, 28), steps=steps, eta=eta, device=device,
+                                                 generator=g):
+                bar.update(m)
+            out.append(x.float().cpu())
+    return torch.cat(out)
+
+
+def sample(args):
+    path, ckpt, device, diffusion, denoise, steps, eta = load_for_sampling(args)
 
     # One sampling run gives the grid, the strips and the animation: keep a few frames of a few samples.
-    n, n_strip, n_anim = args.n_samples, min(6, args.n_samples), min(64, args.n_samples)
+    n = args.n_samples or 256
+    n_strip, n_anim = min(6, n), min(64, n)
     strip_at = set(torch.linspace(0, steps, min(12, steps + 1)).round().long().tolist())
     anim_at = set(torch.linspace(0, steps, min(40, steps + 1)).round().long().tolist())
     noise = torch.randn((n, 1, 28, 28), generator=torch.Generator().manual_seed(args.sample_seed))
@@ -499,7 +555,7 @@ def sample(args):
         f, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0))
     written = ["sample.png", "process.png", "process.gif"]
     try:
-        real = to_model_range(load_mnist(args.data_dir)[:6])
+        real = to_model_range(load_mnist(args.data_dir)[0][:6])
         ts = torch.linspace(0, diffusion.timesteps - 1, 10).round().long()
         g = torch.Generator().manual_seed(args.sample_seed)
         noised = [diffusion.q_sample(real, t.repeat(len(real)), torch.randn(real.shape, generator=g)) for t in ts]
@@ -513,6 +569,87 @@ def sample(args):
 
 
 # ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+class Judge:
+    """The cached MNIST classifier and the real-data features every quality figure is measured against."""
+
+    def __init__(self, args, device):
+        self.device = device
+        train_x, train_y = load_mnist(args.data_dir)
+        test_x, test_y = load_mnist(args.data_dir, train=False)
+        self.train_x, self.test_x = to_model_range(train_x), to_model_range(test_x)
+        path = os.path.join(args.ckpt_dir, "classifier.pt")
+        fingerprint = evaluate.data_fingerprint(train_x, train_y)
+        self.model = evaluate.Classifier().to(device)
+        cached = self._cached(path, fingerprint)
+        if cached:
+            self.model.load_state_dict(cached["model"])
+            self.model.eval()
+            self.accuracy = cached["test_accuracy"]
+        else:
+            print(f"training the evaluation classifier on {len(train_x):,} MNIST images (once; cached in {path})")
+            self.model = evaluate.train_classifier(self.train_x, train_y, device, log=tqdm.write)
+            self.accuracy = evaluate.accuracy(self.model, self.test_x, test_y, device)
+            print(f"evaluation classifier: test accuracy {self.accuracy:.2%}")
+            os.makedirs(args.ckpt_dir, exist_ok=True)
+            save_checkpoint({"format": "mnist-classifier", "version": evaluate.CLASSIFIER_VERSION,
+                             "data": fingerprint, "test_accuracy": self.accuracy,
+                             "model": self.model.state_dict()}, path)
+        self.test_feats, _ = evaluate.embed(self.model, self.test_x, device)
+        self.test_stats = evaluate.gaussian_stats(self.test_feats)
+
+    @staticmethod
+    def _cached(path, fingerprint):
+        """The cached classifier if it exists and was trained by this version on this data, else None."""
+        if not os.path.exists(path):
+            return None
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            cached = None
+        if (isinstance(cached, dict) and cached.get("format") == "mnist-classifier"
+                and cached.get("version") == evaluate.CLASSIFIER_VERSION and cached.get("data") == fingerprint):
+            return cached
+        print(f"{path} was not trained by this version on this data: retraining it")
+        return None
+
+    def __call__(self, images, seed=0):
+        """Metrics for images (N, 1, 28, 28) against the test set; P/R use N random test images."""
+        n = len(images)
+        ref = torch.randperm(len(self.test_feats), generator=torch.Generator().manual_seed(seed))[:n]
+        feats, probs = evaluate.embed(self.model, images, self.device)
+        return evaluate.metrics(feats, probs, self.test_stats, self.test_feats[ref])
+
+    def floor(self, n, seed=0):
+        """The same metrics for n real training images: what a perfect model would score at this n."""
+        pick = torch.randperm(len(self.train_x), generator=torch.Generator().manual_seed(seed + 1))[:n]
+        return self(self.train_x[pick], seed)
+
+
+def eval_mode(args):
+    path, ckpt, device, diffusion, denoise, steps, eta = load_for_sampling(args)
+    judge = Judge(args, device)
+    n = args.n_samples or 1000
+    t0 = time.time()
+    fake = generate(denoise, diffusion, n, steps, eta, device, args.sample_seed)
+    seconds = time.time() - t0
+    rows = {"samples": judge(fake, args.sample_seed), "real": judge.floor(n, args.sample_seed)}
+    print(f"{n} samples in {seconds:.1f} s; classifier test accuracy {judge.accuracy:.2%}; "
+          f"'real' is {n} training images, the floor at this N")
+    print(evaluate.table(rows))
+    result = {"checkpoint": path, "epoch": ckpt["epoch"], "step": ckpt["step"], "sampler": args.sampler,
+              "steps": steps, "eta": eta, "n": n, "seed": args.sample_seed, "sampling_seconds": round(seconds, 1),
+              "classifier_accuracy": judge.accuracy, **rows}
+    os.makedirs(args.out_dir, exist_ok=True)
+    out = os.path.join(args.out_dir, "eval.json")
+    write_atomic(out, lambda f: f.write((json.dumps(result, indent=1) + "\n").encode()))
+    print(f"wrote {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -522,8 +659,10 @@ def main(argv=None):
             return train(args)
         elif args.mode == "sample":
             return sample(args)
+        elif args.mode == "eval":
+            return eval_mode(args)
         else:
-            raise UserError(f"unknown --mode {args.mode!r}; choose train or sample")
+            raise UserError(f"unknown --mode {args.mode!r}; choose train, sample or eval")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,13 +2,11 @@
 import os
 import shutil
 import struct
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import run  # noqa: E402
+import run
 
 # A model and schedule small enough that a whole training epoch takes a second.
 TINY = ["--channels", "8,16,32", "--blocks", "1,1,1", "--timesteps", "20", "--batch-size", "16",
@@ -24,7 +22,7 @@ def write_idx(path, tensor):
 
 
 def make_mnist(root, n_train=64, n_test=32):
-    """Synthetic digits: digit k is a bright bar at row 4 + 2k, plus a little noise."""
+    """Synthetic digits: digit k is a bright bar 2 + 2k pixels long, plus a little noise."""
     raw = os.path.join(root, "MNIST", "raw")
     os.makedirs(raw, exist_ok=True)
     g = torch.Generator().manual_seed(0)
@@ -32,7 +30,7 @@ def make_mnist(root, n_train=64, n_test=32):
         labels = torch.arange(n, dtype=torch.uint8) % 10
         images = torch.randint(0, 30, (n, 28, 28), generator=g, dtype=torch.uint8)
         for i, k in enumerate(labels.tolist()):
-            images[i, 4 + 2 * k: 6 + 2 * k, 6:22] = 255
+            images[i, 12:16, 4:6 + 2 * k] = 255
         write_idx(os.path.join(raw, f"{split}-images-idx3-ubyte"), images)
         write_idx(os.path.join(raw, f"{split}-labels-idx1-ubyte"), labels)
     return root

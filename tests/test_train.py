@@ -15,7 +15,7 @@ from model import UNet, UNetConfig
 
 def test_loss_falls_when_overfitting_a_handful_of_images(mnist_root):
     torch.manual_seed(0)
-    x0 = run.to_model_range(run.load_mnist(mnist_root)[:8])
+    x0 = run.to_model_range(run.load_mnist(mnist_root)[0][:8])
     d, model = Diffusion(100), UNet(UNetConfig(channels=(8, 16, 32), blocks=(1, 1, 1)))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
@@ -65,7 +65,7 @@ def test_same_seed_same_images_and_another_seed_differs(workspace, tmp_path):
         assert run.main(["--mode", "sample", "--checkpoint", workspace["checkpoint"], "--out-dir", out,
                          "--n-samples", "4", "--steps", "3", "--sample-seed", str(seed),
                          "--data-dir", workspace["data_dir"], "--device", "cpu", "--precision", "fp32"]) == 0
-        images.append(torch.from_numpy(np.asarray(Image.open(os.path.join(out, "sample.png")))))
+        images.append(torch.from_numpy(np.array(Image.open(os.path.join(out, "sample.png")))))
     assert torch.equal(images[0], images[1]) and not torch.equal(images[0], images[2])
 
 
@@ -118,3 +118,29 @@ def test_precision_choice():
     assert run.pick_precision("bf16", cpu) is torch.bfloat16
     assert run.pick_precision("auto", cpu) in (None, torch.bfloat16)
     assert run.pick_precision("auto", torch.device("mps")) is None  # fp32 only on MPS
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(workspace):
+    """A real process, a real SIGINT: it stops at a step boundary, saves, and --resume carries on."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ckpt_dir = workspace["ckpt_dir"]
+    proc = subprocess.Popen([sys.executable, os.path.join(root, "run.py"), "--mode", "train", "--resume",
+                             "--epochs", "100000", "--data-dir", workspace["data_dir"], "--ckpt-dir", ckpt_dir,
+                             *TINY], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = os.path.dirname(workspace["checkpoint"])
+    deadline = time.time() + 120
+    while len([f for f in os.listdir(run_dir) if f.endswith(".pt")]) < 3 and time.time() < deadline:
+        time.sleep(0.05)  # wait until training is well under way
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "continue with --resume" in out
+    ckpt = run.load_checkpoint(run.latest_checkpoint(ckpt_dir))
+    assert ckpt["step"] >= 8
+    assert not [f for f in os.listdir(run_dir) if ".tmp" in f]
+    assert train(workspace, "--resume", "--epochs", str(ckpt["epoch"] + 1)) == 0
+    assert run.load_checkpoint(run.latest_checkpoint(ckpt_dir))["epoch"] == ckpt["epoch"] + 1

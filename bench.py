@@ -1,0 +1,129 @@
+"""Benchmark the default model on this device: FLOPs, training and sampling speed, and how close
+they come to the device's own matmul rate, in fp32 and bf16.
+
+    python bench.py                      # prints a table, writes gen/bench.json
+    python bench.py --device cpu --repeats 7 --out /tmp/bench.json
+
+Every figure is the median of --repeats timed runs after an untimed warm-up, all in one process.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import run
+from diffusion import Diffusion
+from model import UNetConfig, count_parameters
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def timed(fn, device, repeats, warmup=2):
+    """Median seconds of fn() over repeats, after warm-up calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        run._sync(device)
+        t0 = time.perf_counter()
+        fn()
+        run._sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_gflops(device, dtype, repeats, n=2048):
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    return 2 * n ** 3 / timed(lambda: a @ b, device, repeats) / 1e9
+
+
+def count_flops(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument("--batch-size", type=int, default=128, help="training batch (default 128)")
+    p.add_argument("--sample-batch", type=int, default=256, help="sampling batch (default 256)")
+    p.add_argument("--steps", type=int, default=10, help="training steps per timed repeat (default 10)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats, median quoted (default 5)")
+    p.add_argument("--out", default="gen/bench.json", help="the table as JSON (default gen/bench.json)")
+    args = p.parse_args(argv)
+    try:
+        device = run.pick_device(args.device)
+    except run.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    torch.manual_seed(0)
+    cfg = dict(run.TRAIN_DEFAULTS)
+    model_config = vars(UNetConfig())
+    diffusion = Diffusion(cfg["timesteps"])
+    model, ema, opt = run.make_trainable(model_config, cfg, device)
+    x0 = torch.rand(args.batch_size, 1, 28, 28, device=device) * 2 - 1
+    xs = torch.randn(args.sample_batch, 1, 28, 28, device=device)
+    ts = torch.full((args.sample_batch,), 500, device=device)
+    one = (x0[:1], torch.zeros(1, dtype=torch.long, device=device))
+    result = {"device": device.type, "cpu": platform.processor() or platform.machine(),
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "parameters": count_parameters(model), "model_config": model_config,
+              "gflop_per_image_forward": count_flops(lambda: model(*one)) / 1e9,
+              "batch_size": args.batch_size, "sample_batch": args.sample_batch}
+    # Training FLOPs counted on a real step (forward, backward): about 3x the forward.
+    train_flops = count_flops(lambda: diffusion.loss(model, x0).backward()) / args.batch_size
+    result["gflop_per_image_train"] = train_flops / 1e9
+
+    for name, amp in PRECISIONS.items():
+        if amp is not None and device.type == "mps":
+            continue  # bf16 is not offered on MPS
+        peak = matmul_gflops(device, amp or torch.float32, args.repeats)
+
+        def train_steps():
+            for _ in range(args.steps):
+                run.train_step(diffusion, model, ema, opt, x0, device, amp)
+
+        train_ips = args.steps * args.batch_size / timed(train_steps, device, args.repeats)
+        denoise = run.denoiser(model, device, amp)
+
+        def sample_step():
+            with torch.inference_mode():
+                diffusion.step(denoise(xs, ts).float(), xs, 500, 480, 0.0, None)
+
+        sample_isps = args.sample_batch / timed(sample_step, device, args.repeats)
+        result[name] = {"matmul_gflops": peak, "train_images_per_s": train_ips,
+                        "train_gflops": train_ips * train_flops / 1e9,
+                        "train_fraction_of_matmul": train_ips * train_flops / 1e9 / peak,
+                        "sample_image_steps_per_s": sample_isps,
+                        "sample_gflops": sample_isps * result["gflop_per_image_forward"],
+                        "sample_fraction_of_matmul": sample_isps * result["gflop_per_image_forward"] / peak}
+
+    print(f"{device.type} ({result['cpu']}, {result['threads']} threads), torch {result['torch']}")
+    print(f"default UNet: {result['parameters']:,} parameters, {result['gflop_per_image_forward']:.3f} GFLOP "
+          f"per image forward, {result['gflop_per_image_train']:.3f} per training image")
+    rows = [("matmul GFLOP/s (2048x2048)", "matmul_gflops", "{:.0f}"),
+            (f"training images/s (batch {args.batch_size})", "train_images_per_s", "{:.0f}"),
+            ("training GFLOP/s", "train_gflops", "{:.0f}"),
+            ("training, fraction of matmul", "train_fraction_of_matmul", "{:.0%}"),
+            (f"sampling image-steps/s (batch {args.sample_batch})", "sample_image_steps_per_s", "{:.0f}"),
+            ("sampling, fraction of matmul", "sample_fraction_of_matmul", "{:.0%}")]
+    names = [n for n in PRECISIONS if n in result]
+    print(f"{'':<40}" + "".join(f"{n:>10}" for n in names))
+    for label, key, form in rows:
+        print(f"{label:<40}" + "".join(f"{form.format(result[n][key]):>10}" for n in names))
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    run.write_atomic(args.out, lambda f: f.write((json.dumps(result, indent=1) + "\n").encode()))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

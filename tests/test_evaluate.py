@@ -1,0 +1,110 @@
+"""Quality metrics: FID, precision/recall, class statistics, and the cached classifier's provenance."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import evaluate
+import run
+from conftest import make_mnist
+
+
+def test_identical_statistics_give_fid_zero():
+    feats = torch.randn(500, 16, dtype=torch.float64)
+    mu, cov = evaluate.gaussian_stats(feats)
+    assert evaluate.frechet_distance(mu, cov, mu, cov) == pytest.approx(0, abs=1e-8)
+
+
+def test_fid_matches_the_closed_form():
+    mu1, mu2 = torch.zeros(4, dtype=torch.float64), torch.tensor([1.0, 2.0, 0.0, 0.0], dtype=torch.float64)
+    a, b = torch.tensor([1.0, 4.0, 9.0, 1.0]), torch.tensor([4.0, 1.0, 1.0, 1.0])
+    cov1, cov2 = torch.diag(a).double(), torch.diag(b).double()
+    # Diagonal covariances: ||mu1 - mu2||^2 + sum (sqrt(a) - sqrt(b))^2.
+    expected = 5.0 + ((a.sqrt() - b.sqrt()) ** 2).sum().item()
+    assert evaluate.frechet_distance(mu1, cov1, mu2, cov2) == pytest.approx(expected)
+    # A pure shift of the same distribution costs exactly the squared distance of the means.
+    full = torch.cov(torch.randn(200, 4, dtype=torch.float64).T)
+    assert evaluate.frechet_distance(mu1, full, mu2, full) == pytest.approx(5.0, rel=1e-6)
+
+
+def test_precision_and_recall():
+    torch.manual_seed(0)
+    x = torch.randn(200, 8)
+    assert evaluate.precision_recall(x, x) == (1.0, 1.0)
+    far = x + 100
+    assert evaluate.precision_recall(x, far) == (0.0, 0.0)
+    # Fakes from half the real modes: precise, but recall drops.
+    real = torch.cat([torch.randn(100, 8) * 0.1, torch.randn(100, 8) * 0.1 + 10])
+    fake = torch.randn(100, 8) * 0.1
+    precision, recall = evaluate.precision_recall(real, fake)
+    assert precision > 0.8 and 0.4 < recall < 0.6
+
+
+def test_class_statistics():
+    probs = torch.eye(10, dtype=torch.float64).repeat(5, 1)  # 50 confident predictions, 5 of each digit
+    stats = evaluate.class_stats(probs)
+    assert stats["confident"] == 1.0 and stats["histogram"] == [5] * 10
+    assert stats["entropy"] == pytest.approx(math.log(10))
+    blurry = torch.full((10, 10), 0.1, dtype=torch.float64)
+    blurry[:, 3] += 1e-3  # every argmax is 3
+    stats = evaluate.class_stats(blurry)
+    assert stats["confident"] == 0.0 and stats["entropy"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def judge(tmp_path_factory):
+    root = make_mnist(str(tmp_path_factory.mktemp("judge-mnist")), n_train=2560, n_test=500)
+    args = run.build_parser().parse_args(["--mode", "eval", "--data-dir", root,
+                                          "--ckpt-dir", str(tmp_path_factory.mktemp("judge-ckpt"))])
+    return run.Judge(args, torch.device("cpu")), args
+
+
+def test_real_images_score_far_better_than_noise(judge):
+    judge, _ = judge
+    assert judge.accuracy > 0.9  # the synthetic digits are easy
+    real = judge.floor(200)
+    noise = judge(torch.rand(200, 1, 28, 28) * 2 - 1)
+    assert real["fid"] < 0.1 * noise["fid"]
+    assert real["precision"] > 0.5 and noise["precision"] < 0.1
+
+
+def test_cached_classifier_is_reused_only_when_it_matches(judge, monkeypatch, capsys):
+    judge, args = judge
+    path = os.path.join(args.ckpt_dir, "classifier.pt")
+    assert os.path.exists(path)
+
+    trained = []
+    real_train = evaluate.train_classifier
+    monkeypatch.setattr(evaluate, "train_classifier", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    run.Judge(args, torch.device("cpu"))
+    assert trained == []  # same version, same data: the cache is used
+
+    cached = torch.load(path, weights_only=True)
+    for stale in (dict(cached, data="0" * 64), dict(cached, version=-1), "garbage"):
+        torch.save(stale, path)
+        run.Judge(args, torch.device("cpu"))
+        assert "retraining" in capsys.readouterr().out
+    assert len(trained) == 3
+    assert torch.load(path, weights_only=True)["data"] == cached["data"]  # rewritten with the right provenance
+
+
+def test_eval_mode_writes_a_report(workspace):
+    out = workspace["out_dir"]
+    assert run.main(["--mode", "eval", "--n-samples", "40", "--steps", "3", "--data-dir", workspace["data_dir"],
+                     "--ckpt-dir", workspace["ckpt_dir"], "--out-dir", out, "--device", "cpu",
+                     "--precision", "fp32"]) == 0
+    report = json.load(open(os.path.join(out, "eval.json")))
+    assert report["n"] == 40 and report["steps"] == 3 and report["sampler"] == "ddim"
+    for row in ("samples", "real"):
+        assert set(report[row]) >= {"fid", "precision", "recall", "confident", "entropy", "histogram"}
+        assert sum(report[row]["histogram"]) == 40
+
+
+def test_eval_every_adds_quality_to_the_training_log(workspace):
+    from conftest import TINY
+    assert run.main(["--mode", "train", "--resume", "--epochs", "2", "--eval-every", "1",
+                     "--data-dir", workspace["data_dir"], "--ckpt-dir", workspace["ckpt_dir"], *TINY]) == 0
+    log = run.load_checkpoint(run.latest_checkpoint(workspace["ckpt_dir"]))["log"]
+    assert "fid" not in log[0] and log[1]["fid"] > 0 and 0 <= log[1]["confident"] <= 1

@@ -113,7 +113,8 @@ def build_parser():
     g.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"],
                    help="ddpm: ancestral, all T steps; ddim: --steps evenly spaced steps (default ddim)")
     g.add_argument("--steps", type=positive_int, metavar="N", help="DDIM steps (default 50)")
-    g.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic (default), 1 ancestral")
+    g.add_argument("--eta", type=float, help="DDIM noise (Song et al. eq. 16): 0 is deterministic DDIM, 1 the "
+                                             "ancestral step; default 1, measured best here (README)")
     g.add_argument("--sample-seed", type=int, default=0, metavar="S",
                    help="same seed and checkpoint, same images (default 0)")
     return p
@@ -478,7 +479,10 @@ def sampler_settings(args, timesteps):
         steps = args.steps or min(50, timesteps)
         if steps > timesteps:
             raise UserError(f"--steps {steps} exceeds the checkpoint's {timesteps} timesteps")
-        return steps, 0.0 if args.eta is None else args.eta
+        if args.eta is not None and not 0 <= args.eta <= 1:
+            raise UserError(f"--eta must be between 0 and 1, got {args.eta}")
+        # eta 1 by default: at 50 steps it matched 1000-step DDPM in FID here, and eta 0 was far worse.
+        return steps, 1.0 if args.eta is None else args.eta
     else:
         raise UserError(f"unknown --sampler {args.sampler!r}; choose ddpm or ddim")
 

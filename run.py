@@ -86,6 +86,8 @@ def build_parser():
                    help="auto picks cuda, then mps, then cpu (default auto)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="bf16 autocast with fp32 weights; auto: bf16 where measured faster (default auto)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network for training and sampling (CUDA, CPU; not MPS)")
     p.add_argument("--data-dir", default="dataset/mnist", metavar="DIR", help="MNIST root (default dataset/mnist)")
     p.add_argument("--ckpt-dir", default="checkpoints", metavar="DIR",
                    help="runs go in DIR/run_NNN; the eval classifier in DIR (default checkpoints)")
@@ -178,6 +180,14 @@ def pick_precision(name, device):
         return torch.bfloat16 if device.type != "mps" and bf16_is_faster(device) else None
     else:
         raise UserError(f"unknown --precision {name!r}; choose auto, fp32 or bf16")
+
+
+def pick_hardware(args):
+    """(device, autocast dtype) from --device, --precision and --compile, each checked for this machine."""
+    device = pick_device(args.device)
+    if args.compile and device.type == "mps":
+        raise UserError("--compile is not supported on MPS; drop --compile")
+    return device, pick_precision(args.precision, device)
 
 
 def autocast(device, dtype):
@@ -297,6 +307,12 @@ def ema_update(decay):
     return update
 
 
+def maybe_compile(model, args):
+    """torch.compile when asked. The compiled wrapper shares the model's parameters, and checkpoints
+    always save the plain model, so they load without compiling."""
+    return torch.compile(model) if args.compile else model
+
+
 def make_trainable(model_config, cfg, device):
     """The network, its EMA copy and the optimizer, on the device."""
     model = build_model(model_config).to(device)
@@ -347,7 +363,7 @@ def set_rng_state(state, device):
 
 
 def train(args):
-    device = pick_device(args.device)
+    device, amp = pick_hardware(args)
     ckpt = None
     if args.resume:
         args.checkpoint_path = args.checkpoint or latest_checkpoint(args.ckpt_dir)
@@ -358,7 +374,6 @@ def train(args):
     if ckpt and args.epochs < ckpt["epoch"]:
         raise UserError(f"--epochs {args.epochs} is fewer than the {ckpt['epoch']} epochs the checkpoint "
                         f"already has; pass a larger --epochs to train on")
-    amp = pick_precision(args.precision, device)
     images = load_mnist(args.data_dir)[0].to(device)  # (N, 28, 28) uint8, the whole set in memory
     judge = Judge(args, device) if args.eval_every else None
 
@@ -366,6 +381,7 @@ def train(args):
     diffusion = Diffusion(cfg["timesteps"])
     model_config = asdict(UNetConfig(channels=cfg["channels"], blocks=cfg["blocks"]))
     model, ema, opt = make_trainable(model_config, cfg, device)
+    net = maybe_compile(model, args)  # what the training step calls
     epoch, batch, step, history, log = 0, 0, 0, [], []
     if ckpt:
         model.load_state_dict(ckpt["model"])
@@ -385,7 +401,7 @@ def train(args):
           f"{fmt(cfg['blocks'])}; T={cfg['timesteps']}; {n:,} images, {n_batches} batches of {bs}; "
           f"device {device.type}, {'bf16' if amp else 'fp32'}; run {run_dir}")
 
-    def save(last=False):
+    def save():
         bad = [k for k, v in model.state_dict().items() if not torch.isfinite(v).all()]
         if bad:
             raise UserError(f"weights became non-finite ({bad[0]}) at step {step}; not saved, the last good "
@@ -419,7 +435,7 @@ def train(args):
                 x0 = to_model_range(images[order[batch * bs:(batch + 1) * bs]])  # (B, 1, 28, 28)
                 for group in opt.param_groups:
                     group["lr"] = cfg["lr"] * min(1.0, (step + 1) / cfg["warmup"])
-                running += train_step(diffusion, model, ema, opt, x0, device, amp)
+                running += train_step(diffusion, net, ema, opt, x0, device, amp)
                 count += 1
                 batch += 1
                 step += 1
@@ -448,7 +464,7 @@ def train(args):
                         "lr": opt.param_groups[0]["lr"]})
             epoch, batch = epoch + 1, 0
             if judge and epoch % args.eval_every == 0:
-                fake = generate(denoiser(ema.module, device, amp), diffusion, 500, min(20, cfg["timesteps"]), 0.0,
+                fake = generate(denoiser(ema.module, device, amp), diffusion, 500, min(20, cfg["timesteps"]), 1.0,
                                 device, seed=0, desc="quick eval")
                 quick = judge(fake)
                 log[-1].update({k: quick[k] for k in ("fid", "precision", "recall", "confident", "entropy")})
@@ -489,18 +505,17 @@ def sampler_settings(args, timesteps):
 
 def load_for_sampling(args):
     """Everything sampling needs from a checkpoint: (path, ckpt, device, diffusion, denoise, steps, eta)."""
-    device = pick_device(args.device)
+    device, amp = pick_hardware(args)
     path = args.checkpoint or latest_checkpoint(args.ckpt_dir)
     ckpt = load_checkpoint(path)
     diffusion = Diffusion(**ckpt["diffusion_config"])
     steps, eta = sampler_settings(args, diffusion.timesteps)
-    amp = pick_precision(args.precision, device)
     model = build_model(ckpt["model_config"]).to(device)
     model.load_state_dict(ckpt["ema"])
     model.eval()
     print(f"{path}: epoch {ckpt['epoch']}, step {ckpt['step']}; {args.sampler} with {steps} steps, "
           f"eta {eta}; {device.type}, {'bf16' if amp else 'fp32'}")
-    return path, ckpt, device, diffusion, denoiser(model, device, amp), steps, eta
+    return path, ckpt, device, diffusion, denoiser(maybe_compile(model, args), device, amp), steps, eta
 
 
 def denoiser(model, device, amp):

@@ -53,6 +53,8 @@ def args(workspace, *argv):
     (["--mode", "sample", "--sampler", "ddpm", "--steps", "5"], "--sampler ddpm always runs all"),
     (["--mode", "sample", "--steps", "999"], "exceeds the checkpoint's 20 timesteps"),
     (["--mode", "train", "--checkpoint", "x.pt"], "needs --resume"),
+    (["--mode", "sample", "--eta", "1.5"], "--eta must be between 0 and 1"),
+    (["--mode", "sample", "--sampler", "ddpm", "--eta", "0"], "--sampler ddpm has eta 1"),
 ])
 def test_bad_arguments(capsys, workspace, argv, expect):
     fails_cleanly(capsys, workspace, args(workspace, *argv), expect)
@@ -65,6 +67,13 @@ def test_unavailable_device(capsys, workspace, monkeypatch, device):
     for mode in ("train", "sample"):
         fails_cleanly(capsys, workspace, args(workspace, "--mode", mode, "--device", device),
                       f"--device {device}:")
+
+
+def test_compile_is_refused_on_mps(capsys, workspace, monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    for mode in ("train", "sample"):
+        fails_cleanly(capsys, workspace, args(workspace, "--mode", mode, "--device", "mps", "--compile"),
+                      "--compile is not supported on MPS")
 
 
 @pytest.mark.parametrize("content", ["truncated", "text", "empty", "foreign"])

@@ -85,7 +85,8 @@ class Diffusion:
 
     @torch.inference_mode()
     def sample_loop(self, model, shape, steps=None, eta=1.0, device="cpu", generator=None, noise=None):
-        """Run the reverse process from noise, yielding (t, x_t, predicted x_0) after every step.
+        """Run the reverse process from noise, yielding (t_prev, x_{t_prev}, predicted x_0) after every step
+        (t_prev = -1 after the last step, where x is the finished sample).
 
         steps=None (or T) visits every timestep; with eta=1 that is ancestral DDPM sampling, with
         eta=0 and fewer steps it is DDIM. Noise is drawn on the CPU generator, so a seed gives the

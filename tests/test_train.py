@@ -112,12 +112,14 @@ def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expe
         assert run.pick_device("cuda").type == "cuda"
 
 
-def test_precision_choice():
+def test_precision_choice(monkeypatch):
     cpu = torch.device("cpu")
     assert run.pick_precision("fp32", cpu) is None
     assert run.pick_precision("bf16", cpu) is torch.bfloat16
-    assert run.pick_precision("auto", cpu) in (None, torch.bfloat16)
-    assert run.pick_precision("auto", torch.device("mps")) is None  # fp32 only on MPS
+    for faster in (True, False):  # auto follows the measurement
+        monkeypatch.setattr(run, "bf16_is_faster", lambda device: faster)
+        assert run.pick_precision("auto", cpu) is (torch.bfloat16 if faster else None)
+        assert run.pick_precision("auto", torch.device("mps")) is None  # fp32 only on MPS, whatever it measures
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(workspace):

@@ -32,7 +32,8 @@ MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
 # Flags that define a run. Their defaults apply to a new run; with --resume, flags not given take the
 # checkpoint's values and flags given must agree with them. --epochs may grow on resume.
 TRAIN_DEFAULTS = dict(channels=UNetConfig.channels, blocks=UNetConfig.blocks, timesteps=1000,
-                      batch_size=128, lr=1e-3, warmup=200, ema_decay=0.999, seed=0)
+                      batch_size=128, lr=1e-3, warmup=200, schedule="cosine", ema_decay=0.999, seed=0)
+DEFAULT_EPOCHS = 10  # a new run given neither --epochs nor --minutes
 
 
 class UserError(Exception):
@@ -96,10 +97,17 @@ def build_parser():
                                                         "(default: the newest under --ckpt-dir)")
     g = p.add_argument_group("training (a new run takes the defaults; --resume takes the checkpoint's)")
     g.add_argument("--resume", action="store_true", help="continue the newest run, or --checkpoint")
-    g.add_argument("--epochs", type=positive_int, default=10, metavar="N", help="total epochs of the run (default 10)")
+    g.add_argument("--epochs", type=positive_int, metavar="N",
+                   help=f"total epochs of the run (default {DEFAULT_EPOCHS}, or no limit with --minutes)")
+    g.add_argument("--minutes", type=positive_float, metavar="M",
+                   help="wall-clock budget of the run in minutes, kept across --resume; with --epochs, "
+                        "whichever ends first. The lr schedule and the end of training follow the budget")
     g.add_argument("--batch-size", type=positive_int, metavar="N", help=f"default {D['batch_size']}")
     g.add_argument("--lr", type=positive_float, help=f"AdamW learning rate (default {D['lr']})")
     g.add_argument("--warmup", type=positive_int, metavar="N", help=f"steps of linear lr warm-up (default {D['warmup']})")
+    g.add_argument("--schedule", choices=["cosine", "constant"],
+                   help=f"lr after warm-up: cosine decay to 0 at the end of the budget, or constant "
+                        f"(default {D['schedule']})")
     g.add_argument("--ema-decay", type=positive_float, metavar="D",
                    help=f"EMA decay, approached as (1+n)/(10+n) (default {D['ema_decay']})")
     g.add_argument("--seed", type=int, help=f"initialisation, data order and noise (default {D['seed']})")
@@ -362,6 +370,27 @@ def set_rng_state(state, device):
         torch.mps.set_rng_state(state["mps"])
 
 
+def run_budget(args, ckpt):
+    """(epochs, minutes) of the run: the flags given, else the checkpoint's; None means no limit."""
+    saved = ckpt.get("budget", {}) if ckpt else {}
+    epochs = args.epochs if args.epochs is not None else saved.get("epochs")
+    minutes = args.minutes if args.minutes is not None else saved.get("minutes")
+    if epochs is None and minutes is None:
+        epochs = DEFAULT_EPOCHS
+    return epochs, minutes
+
+
+def learning_rate(cfg, step, progress):
+    """Linear warm-up over cfg['warmup'] steps, then constant or a cosine decay to 0 at progress 1."""
+    warm = min(1.0, (step + 1) / cfg["warmup"])
+    if cfg["schedule"] == "cosine":
+        return cfg["lr"] * warm * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    elif cfg["schedule"] == "constant":
+        return cfg["lr"] * warm
+    else:
+        raise UserError(f"unknown --schedule {cfg['schedule']!r}; choose cosine or constant")
+
+
 def train(args):
     device, amp = pick_hardware(args)
     ckpt = None
@@ -371,10 +400,18 @@ def train(args):
     elif args.checkpoint:
         raise UserError("--checkpoint in train mode needs --resume (to continue that run)")
     cfg = run_config(args, ckpt)
-    if ckpt and args.epochs < ckpt["epoch"]:
-        raise UserError(f"--epochs {args.epochs} is fewer than the {ckpt['epoch']} epochs the checkpoint "
-                        f"already has; pass a larger --epochs to train on")
+    epochs, minutes = run_budget(args, ckpt)
     images = load_mnist(args.data_dir)[0].to(device)  # (N, 28, 28) uint8, the whole set in memory
+    n, bs = images.shape[0], cfg["batch_size"]
+    n_batches = max(1, n // bs)  # the last partial batch is dropped, a fresh order each epoch
+
+    def progress(step, seconds):
+        """How much of the budget is spent, from 0 to 1: the larger of the step and the time fraction."""
+        return max(step / (epochs * n_batches) if epochs else 0.0, seconds / (60 * minutes) if minutes else 0.0)
+
+    if ckpt and progress(ckpt["step"], ckpt.get("elapsed", 0.0)) >= 1:
+        raise UserError(f"{args.checkpoint_path} has already used its budget ({ckpt['epoch']} epochs, step "
+                        f"{ckpt['step']}); pass a larger --epochs or --minutes to train on")
     judge = Judge(args, device) if args.eval_every else None
 
     torch.manual_seed(cfg["seed"])
@@ -382,24 +419,25 @@ def train(args):
     model_config = asdict(UNetConfig(channels=cfg["channels"], blocks=cfg["blocks"]))
     model, ema, opt = make_trainable(model_config, cfg, device)
     net = maybe_compile(model, args)  # what the training step calls
-    epoch, batch, step, history, log = 0, 0, 0, [], []
+    epoch, batch, step, history, log, elapsed = 0, 0, 0, [], [], 0.0
     if ckpt:
         model.load_state_dict(ckpt["model"])
         ema.module.load_state_dict(ckpt["ema"])
         ema.n_averaged.fill_(ckpt["ema_updates"])
         opt.load_state_dict(ckpt["optimizer"])
         epoch, batch, step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
-        history, log = ckpt["history"], ckpt["log"]
+        history, log, elapsed = ckpt["history"], ckpt["log"], ckpt.get("elapsed", 0.0)
         set_rng_state(ckpt["rng"], device)
         run_dir = os.path.dirname(args.checkpoint_path)
     else:
         run_dir = new_run_dir(args.ckpt_dir)
 
-    n, bs = images.shape[0], cfg["batch_size"]
-    n_batches = max(1, n // bs)  # the last partial batch is dropped, a fresh order each epoch
+    budget = " and ".join(([f"{epochs} epochs"] if epochs else []) + ([f"{minutes:g} minutes"] if minutes else []))
     print(f"UNet {count_parameters(model):,} parameters, channels {fmt(cfg['channels'])}, blocks "
           f"{fmt(cfg['blocks'])}; T={cfg['timesteps']}; {n:,} images, {n_batches} batches of {bs}; "
-          f"device {device.type}, {'bf16' if amp else 'fp32'}; run {run_dir}")
+          f"budget {budget}; device {device.type}, {'bf16' if amp else 'fp32'}; run {run_dir}")
+    clock = time.time() - elapsed  # elapsed() continues the run's clock across --resume
+    elapsed = lambda: time.time() - clock  # noqa: E731
 
     def save():
         bad = [k for k, v in model.state_dict().items() if not torch.isfinite(v).all()]
@@ -407,9 +445,11 @@ def train(args):
             raise UserError(f"weights became non-finite ({bad[0]}) at step {step}; not saved, the last good "
                             f"checkpoint is kept; try a lower --lr")
         state = {"format": FORMAT, "model_config": model_config, "diffusion_config": diffusion.config(),
-                 "train_config": cfg, "model": model.state_dict(), "ema": ema.module.state_dict(),
+                 "train_config": cfg, "budget": {"epochs": epochs, "minutes": minutes},
+                 "model": model.state_dict(), "ema": ema.module.state_dict(),
                  "ema_updates": int(ema.n_averaged), "optimizer": opt.state_dict(), "epoch": epoch,
-                 "batch": batch, "step": step, "rng": rng_state(device), "history": history, "log": log}
+                 "batch": batch, "step": step, "elapsed": elapsed(), "rng": rng_state(device),
+                 "history": history, "log": log}
         path = os.path.join(run_dir, f"ckpt_{step:08d}.pt")
         save_checkpoint(state, path)
         write_atomic(os.path.join(run_dir, "log.jsonl"),
@@ -424,17 +464,20 @@ def train(args):
     log_every = 50
     try:
         model.train()
-        while epoch < args.epochs:
+        while progress(step, elapsed()) < 1:
             # The order of each epoch derives from (seed, epoch) alone, so a resumed run sees the same data.
             order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg["seed"] * 100_003 + epoch))
             order = order.to(device)
-            bar = tqdm(total=n_batches * bs, initial=batch * bs, unit="img", desc=f"epoch {epoch + 1}/{args.epochs}",
-                       mininterval=1, dynamic_ncols=True)
+            bar = tqdm(total=n_batches * bs, initial=batch * bs, unit="img", mininterval=1, dynamic_ncols=True,
+                       desc=f"epoch {epoch + 1}" + (f"/{epochs}" if epochs else ""))
             running, count, epoch_loss, epoch_count, t0 = torch.zeros((), device=device), 0, 0.0, 0, time.time()
             while batch < n_batches:
+                done = progress(step, elapsed())
+                if done >= 1:
+                    break
                 x0 = to_model_range(images[order[batch * bs:(batch + 1) * bs]])  # (B, 1, 28, 28)
                 for group in opt.param_groups:
-                    group["lr"] = cfg["lr"] * min(1.0, (step + 1) / cfg["warmup"])
+                    group["lr"] = learning_rate(cfg, step, done)
                 running += train_step(diffusion, net, ema, opt, x0, device, amp)
                 count += 1
                 batch += 1
@@ -449,7 +492,7 @@ def train(args):
                     epoch_loss, epoch_count = epoch_loss + mean * count, epoch_count + count
                     running.zero_()
                     count = 0
-                    bar.set_postfix(loss=f"{mean:.4f}")
+                    bar.set_postfix(loss=f"{mean:.4f}", budget=f"{done:.0%}")
                 if stop.requested:
                     break
             bar.close()
@@ -458,10 +501,21 @@ def train(args):
                 print(f"stopped at epoch {epoch + 1}, batch {batch}/{n_batches} (step {step}); "
                       f"continue with --resume")
                 return 130
+            if batch < n_batches and epoch_count + count == 0:
+                break  # the budget ended before this epoch's first step
+            if count:  # the budget ran out between two log points
+                mean = running.item() / count
+                history.append([step, mean])
+                epoch_loss, epoch_count = epoch_loss + mean * count, epoch_count + count
             seconds = time.time() - t0
-            log.append({"epoch": epoch + 1, "step": step, "loss": epoch_loss / max(epoch_count, 1),
-                        "images_per_s": round(epoch_count * bs / seconds, 1), "seconds": round(seconds, 1),
-                        "lr": opt.param_groups[0]["lr"]})
+            row = {"epoch": epoch + 1, "step": step, "loss": epoch_loss / max(epoch_count, 1),
+                   "images_per_s": round(epoch_count * bs / seconds, 1), "seconds": round(seconds, 1),
+                   "lr": opt.param_groups[0]["lr"]}
+            if batch < n_batches:  # the budget ended inside this epoch; --resume with more continues it
+                row["batches"] = batch
+                log.append(row)
+                break
+            log.append(row)
             epoch, batch = epoch + 1, 0
             if judge and epoch % args.eval_every == 0:
                 fake = generate(denoiser(ema.module, device, amp), diffusion, 500, min(20, cfg["timesteps"]), 1.0,
@@ -471,7 +525,10 @@ def train(args):
                 tqdm.write(f"epoch {epoch}: FID {quick['fid']:.3f}, precision {quick['precision']:.3f}, recall "
                            f"{quick['recall']:.3f}, confident {quick['confident']:.3f} (500 DDIM-20 samples)")
             save()
-        print(f"done: {epoch} epochs, {step} steps; sample with python run.py --mode sample")
+        if batch:
+            save()
+        print(f"done: {epoch + batch / n_batches:.2f} epochs, {step} steps in {elapsed() / 60:.1f} minutes; "
+              f"sample with python run.py --mode sample")
         return 0
     finally:
         signal.signal(signal.SIGINT, previous_handler)

@@ -89,7 +89,7 @@ def main(argv=None):
 
         def train_steps():
             for _ in range(args.steps):
-                run.train_step(diffusion, model, ema, opt, x0, device, amp)
+                run.train_step(diffusion, model, ema, opt, x0, None, device, amp)
 
         train_ips = args.steps * args.batch_size / timed(train_steps, device, args.repeats)
         denoise = run.denoiser(model, device, amp)

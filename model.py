@@ -18,6 +18,7 @@ class UNetConfig:
     channels: tuple = (16, 64, 256)  # width at 28x28, 14x14 and 7x7
     blocks: tuple = (1, 1, 2)        # residual blocks per level, on the way down and again on the way up
     groups: int = 8                  # GroupNorm groups
+    num_classes: int = 0             # 0: unconditional; 10: digit labels 0-9, and 10 means "no label"
 
 
 def timestep_embedding(t, dim):
@@ -26,6 +27,17 @@ def timestep_embedding(t, dim):
     freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]  # (B, half)
     return torch.cat([args.sin(), args.cos()], dim=1)  # (B, dim)
+
+
+def add_label(label_emb, temb, y):
+    """temb + the embedding of labels y (B,); y=None means "no label" (the last entry)."""
+    if label_emb is None:
+        if y is not None:
+            raise ValueError("this network was built without labels (num_classes=0)")
+        return temb
+    if y is None:
+        y = torch.full((temb.shape[0],), label_emb.num_embeddings - 1, device=temb.device, dtype=torch.long)
+    return temb + label_emb(y)
 
 
 class ResBlock(nn.Module):
@@ -50,7 +62,7 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps = UNet(x, t): x (B, 1, 28, 28) in [-1, 1], t (B,) integer timesteps."""
+    """eps = UNet(x, t, y): x (B, 1, 28, 28) in [-1, 1], t (B,) integer timesteps, y (B,) labels or None."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -58,6 +70,8 @@ class UNet(nn.Module):
         c, g = cfg.channels, cfg.groups
         tdim = 4 * c[0]
         self.time_mlp = nn.Sequential(nn.Linear(c[0], tdim), nn.SiLU(), nn.Linear(tdim, tdim), nn.SiLU())
+        # One learned vector per label plus one for "no label", added to the timestep embedding.
+        self.label_emb = nn.Embedding(cfg.num_classes + 1, tdim) if cfg.num_classes else None
         self.stem = nn.Conv2d(1, c[0], 3, padding=1)
 
         # Down: blocks at each level, then a strided conv to the next (28 -> 14 -> 7).
@@ -80,8 +94,9 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
         temb = self.time_mlp(timestep_embedding(t, self.cfg.channels[0]))  # (B, tdim)
+        temb = add_label(self.label_emb, temb, y)
         h = self.stem(x)  # (B, c0, 28, 28)
         skips = []
         for i, blocks in enumerate(self.down):

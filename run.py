@@ -32,7 +32,9 @@ MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
 # Flags that define a run. Their defaults apply to a new run; with --resume, flags not given take the
 # checkpoint's values and flags given must agree with them. --epochs may grow on resume.
 TRAIN_DEFAULTS = dict(channels=UNetConfig.channels, blocks=UNetConfig.blocks, timesteps=1000,
-                      batch_size=128, lr=1e-3, warmup=200, schedule="cosine", ema_decay=0.999, seed=0)
+                      batch_size=128, lr=1e-3, warmup=200, schedule="cosine", ema_decay=0.999, seed=0,
+                      conditional=True, label_dropout=0.1)
+DEFAULT_GUIDANCE = 2.0  # classifier-free guidance weight W; 1 is plain conditional, 0 unconditional
 DEFAULT_EPOCHS = 10  # a new run given neither --epochs nor --minutes
 
 
@@ -66,6 +68,26 @@ def positive_float(s):
         v = -1.0
     if not (v > 0 and math.isfinite(v)):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {s!r}")
+    return v
+
+
+def fraction(s):
+    try:
+        v = float(s)
+    except ValueError:
+        v = -1.0
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 up to (not including) 1, got {s!r}")
+    return v
+
+
+def guidance_weight(s):
+    try:
+        v = float(s)
+    except ValueError:
+        v = -1.0
+    if not (0 <= v <= 100):
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 100 (1 = plain conditional), got {s!r}")
     return v
 
 
@@ -116,6 +138,14 @@ def build_parser():
                    help=f"U-Net widths at 28, 14 and 7 pixels (default {fmt(D['channels'])})")
     g.add_argument("--blocks", type=int_list, metavar="A,B,C",
                    help=f"residual blocks per level (default {fmt(D['blocks'])})")
+    g.add_argument("--unconditional", dest="conditional", action="store_false", default=None,
+                   help="train without digit labels (default: with labels, so the run can also draw a chosen digit)")
+    g.add_argument("--label-dropout", type=fraction, metavar="P",
+                   help=f"share of each batch trained with no label, so one run samples both ways "
+                        f"(default {D['label_dropout']})")
+    g.add_argument("--keep", type=positive_int, metavar="K",
+                   help="keep only the newest K end-of-epoch checkpoints of the run, plus its last one "
+                        "(default: keep all)")
     g.add_argument("--eval-every", type=positive_int, metavar="K",
                    help="every K epochs, FID etc. of 500 DDIM-20 samples into the log and loss.png")
     g = p.add_argument_group("sampling and evaluation")
@@ -125,6 +155,11 @@ def build_parser():
     g.add_argument("--steps", type=positive_int, metavar="N", help="DDIM steps (default 50)")
     g.add_argument("--eta", type=float, help="DDIM noise (Song et al. eq. 16): 0 is deterministic DDIM, 1 the "
                                              "ancestral step; default 1, measured best here (README)")
+    g.add_argument("--digit", type=int, choices=range(10), metavar="D",
+                   help="sample: a grid of digit D (0-9) instead of unconditional samples (labelled runs)")
+    g.add_argument("--guidance", type=guidance_weight, metavar="W",
+                   help=f"classifier-free guidance eps_u + W (eps_c - eps_u): 1 is plain conditional, 0 "
+                        f"unconditional (default {DEFAULT_GUIDANCE:g}; labelled runs)")
     g.add_argument("--sample-seed", type=int, default=0, metavar="S",
                    help="same seed and checkpoint, same images (default 0)")
     return p
@@ -224,8 +259,12 @@ def to_model_range(images):
 
 
 def write_atomic(path, write):
-    """write(f) into a temporary file beside path, then rename it over path: never a partial file."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    """write(f) into a temporary file beside path, then rename it over path: never a partial file.
+
+    A process killed mid-write (SIGKILL) leaves its hidden temporary file; clean_temporary removes those.
+    """
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -237,6 +276,13 @@ def write_atomic(path, write):
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+def clean_temporary(folder):
+    """Remove the temporary files of writes that were killed (call while holding the folder's lock)."""
+    for path in glob.glob(os.path.join(folder, ".*.tmp*")):
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 def save_figure(fig, path):
@@ -280,21 +326,68 @@ def build_model(config):
 
 def run_config(args, ckpt):
     """The run's settings: flags given, else the checkpoint's (on resume), else the defaults."""
-    cfg = dict(ckpt["train_config"]) if ckpt else dict(TRAIN_DEFAULTS)
+    # Checkpoints from before labels and lr schedules were unconditional, at a constant lr.
+    cfg = {"conditional": False, "label_dropout": 0.0, "schedule": "constant", **ckpt["train_config"]} \
+        if ckpt else dict(TRAIN_DEFAULTS)
     for key in TRAIN_DEFAULTS:
         given = getattr(args, key)
         if given is None:
             continue
         if ckpt and given != cfg[key]:
-            flag = "--" + key.replace("_", "-")
-            raise UserError(f"--resume: {args.checkpoint_path} was trained with {flag} {fmt(cfg[key])}, "
-                            f"not {fmt(given)}; drop {flag} to resume, or train a new run without --resume")
+            if key == "conditional":  # the one flag that is a switch: --unconditional
+                flag, was = "--unconditional", "labels"
+            else:
+                flag = "--" + key.replace("_", "-")
+                was = f"{flag} {fmt(cfg[key])}, not {fmt(given)}"
+            raise UserError(f"--resume: {args.checkpoint_path} was trained with {was}; drop {flag} to resume, "
+                            f"or train a new run without --resume")
         cfg[key] = given
+    if not cfg["conditional"] and args.label_dropout is not None:
+        raise UserError("--label-dropout needs labels; drop it or drop --unconditional")
     return cfg
 
 
 def fmt(v):
     return ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+
+
+@contextlib.contextmanager
+def training_lock(ckpt_dir):
+    """Hold ckpt_dir/.lock for the whole training: a second training into the same folder is refused.
+    The operating system drops the lock when the process ends, however it ends (even SIGKILL)."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    path = os.path.join(ckpt_dir, ".lock")
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here; training works, unguarded
+        yield
+        return
+    try:
+        f = open(path, "a+")
+    except OSError as e:
+        raise UserError(f"cannot write into {ckpt_dir} ({e.strerror}); pick another --ckpt-dir") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            owner = f.read().strip() or "unknown"
+            raise UserError(f"another training (pid {owner}) is writing into {ckpt_dir}; wait for it to finish "
+                            f"or pass another --ckpt-dir") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+
+
+def prune_checkpoints(run_dir, keep, steps_per_epoch):
+    """Keep the newest `keep` end-of-epoch checkpoints of run_dir and its newest checkpoint; delete the rest."""
+    steps = sorted(int(os.path.basename(p)[5:-3]) for p in glob.glob(os.path.join(run_dir, "ckpt_*.pt")))
+    kept = set([s for s in steps if s % steps_per_epoch == 0][-keep:] + steps[-1:])
+    for s in steps:
+        if s not in kept:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(run_dir, f"ckpt_{s:08d}.pt"))
 
 
 def new_run_dir(ckpt_dir):
@@ -329,10 +422,16 @@ def make_trainable(model_config, cfg, device):
     return model, ema, opt
 
 
-def train_step(diffusion, model, ema, opt, x0, device, amp):
-    """One optimizer step on a batch x0 (B, 1, 28, 28); returns the loss as a device tensor (no sync)."""
+def drop_labels(y, p, no_label):
+    """Labels y (B,) with each replaced by no_label with probability p (classifier-free guidance training)."""
+    return torch.where(torch.rand(y.shape, device=y.device) < p, no_label, y)
+
+
+def train_step(diffusion, model, ema, opt, x0, y, device, amp):
+    """One optimizer step on a batch x0 (B, 1, 28, 28) with labels y (B,) or None; returns the loss as a
+    device tensor (no sync)."""
     with autocast(device, amp):
-        loss = diffusion.loss(model, x0)
+        loss = diffusion.loss(lambda x, t: model(x, t, y), x0)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -392,6 +491,7 @@ def learning_rate(cfg, step, progress):
 
 
 def train(args):
+    """Train a new run, or continue one with --resume; returns the exit status."""
     device, amp = pick_hardware(args)
     ckpt = None
     if args.resume:
@@ -399,9 +499,17 @@ def train(args):
         ckpt = load_checkpoint(args.checkpoint_path)
     elif args.checkpoint:
         raise UserError("--checkpoint in train mode needs --resume (to continue that run)")
+    # The folder that holds the run's folder: one training at a time writes there.
+    runs = os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoint_path))) if ckpt else args.ckpt_dir
+    with training_lock(runs):
+        return train_locked(args, device, amp, ckpt)
+
+
+def train_locked(args, device, amp, ckpt):
     cfg = run_config(args, ckpt)
     epochs, minutes = run_budget(args, ckpt)
-    images = load_mnist(args.data_dir)[0].to(device)  # (N, 28, 28) uint8, the whole set in memory
+    images, labels = load_mnist(args.data_dir)  # (N, 28, 28) uint8, (N,): the whole set in memory
+    images, labels = images.to(device), labels.to(device)
     n, bs = images.shape[0], cfg["batch_size"]
     n_batches = max(1, n // bs)  # the last partial batch is dropped, a fresh order each epoch
 
@@ -416,7 +524,9 @@ def train(args):
 
     torch.manual_seed(cfg["seed"])
     diffusion = Diffusion(cfg["timesteps"])
-    model_config = asdict(UNetConfig(channels=cfg["channels"], blocks=cfg["blocks"]))
+    no_label = 10  # the label embedding's last entry
+    model_config = asdict(UNetConfig(channels=cfg["channels"], blocks=cfg["blocks"],
+                                     num_classes=no_label if cfg["conditional"] else 0))
     model, ema, opt = make_trainable(model_config, cfg, device)
     net = maybe_compile(model, args)  # what the training step calls
     epoch, batch, step, history, log, elapsed = 0, 0, 0, [], [], 0.0
@@ -429,12 +539,15 @@ def train(args):
         history, log, elapsed = ckpt["history"], ckpt["log"], ckpt.get("elapsed", 0.0)
         set_rng_state(ckpt["rng"], device)
         run_dir = os.path.dirname(args.checkpoint_path)
+        clean_temporary(run_dir)
     else:
         run_dir = new_run_dir(args.ckpt_dir)
 
+    kind = f"labels, dropout {cfg['label_dropout']:g}" if cfg["conditional"] else "no labels"
     budget = " and ".join(([f"{epochs} epochs"] if epochs else []) + ([f"{minutes:g} minutes"] if minutes else []))
     print(f"UNet {count_parameters(model):,} parameters, channels {fmt(cfg['channels'])}, blocks "
-          f"{fmt(cfg['blocks'])}; T={cfg['timesteps']}; {n:,} images, {n_batches} batches of {bs}; "
+          f"{fmt(cfg['blocks'])}; T={cfg['timesteps']}; "
+          f"{kind}; {n:,} images, {n_batches} batches of {bs}; "
           f"budget {budget}; device {device.type}, {'bf16' if amp else 'fp32'}; run {run_dir}")
     clock = time.time() - elapsed  # elapsed() continues the run's clock across --resume
     elapsed = lambda: time.time() - clock  # noqa: E731
@@ -452,6 +565,8 @@ def train(args):
                  "history": history, "log": log}
         path = os.path.join(run_dir, f"ckpt_{step:08d}.pt")
         save_checkpoint(state, path)
+        if args.keep:
+            prune_checkpoints(run_dir, args.keep, n_batches)
         write_atomic(os.path.join(run_dir, "log.jsonl"),
                      lambda f: f.write("".join(json.dumps(r) + "\n" for r in log).encode()))
         evals = [(r["step"], r["fid"]) for r in log if "fid" in r]
@@ -475,10 +590,12 @@ def train(args):
                 done = progress(step, elapsed())
                 if done >= 1:
                     break
-                x0 = to_model_range(images[order[batch * bs:(batch + 1) * bs]])  # (B, 1, 28, 28)
+                idx = order[batch * bs:(batch + 1) * bs]
+                x0 = to_model_range(images[idx])  # (B, 1, 28, 28)
+                y = drop_labels(labels[idx], cfg["label_dropout"], no_label) if cfg["conditional"] else None
                 for group in opt.param_groups:
                     group["lr"] = learning_rate(cfg, step, done)
-                running += train_step(diffusion, net, ema, opt, x0, device, amp)
+                running += train_step(diffusion, net, ema, opt, x0, y, device, amp)
                 count += 1
                 batch += 1
                 step += 1
@@ -520,7 +637,7 @@ def train(args):
             if judge and epoch % args.eval_every == 0:
                 fake = generate(denoiser(ema.module, device, amp), diffusion, 500, min(20, cfg["timesteps"]), 1.0,
                                 device, seed=0, desc="quick eval")
-                quick = judge(fake)
+                quick, _ = judge(fake)
                 log[-1].update({k: quick[k] for k in ("fid", "precision", "recall", "confident", "entropy")})
                 tqdm.write(f"epoch {epoch}: FID {quick['fid']:.3f}, precision {quick['precision']:.3f}, recall "
                            f"{quick['recall']:.3f}, confident {quick['confident']:.3f} (500 DDIM-20 samples)")
@@ -570,27 +687,51 @@ def load_for_sampling(args):
     model = build_model(ckpt["model_config"]).to(device)
     model.load_state_dict(ckpt["ema"])
     model.eval()
-    print(f"{path}: epoch {ckpt['epoch']}, step {ckpt['step']}; {args.sampler} with {steps} steps, "
-          f"eta {eta}; {device.type}, {'bf16' if amp else 'fp32'}")
+    labelled = model.cfg.num_classes > 0
+    if not labelled and (args.digit is not None or args.guidance is not None):
+        flag = "--digit" if args.digit is not None else "--guidance"
+        raise UserError(f"{path} was trained without labels (--unconditional), so {flag} cannot apply; "
+                        f"drop {flag} or pick a checkpoint trained with labels")
+    args.guidance = (DEFAULT_GUIDANCE if args.guidance is None else args.guidance) if labelled else None
+    print(f"{path}: epoch {ckpt['epoch']}, step {ckpt['step']}, "
+          f"{f'labelled, guidance {args.guidance:g}' if labelled else 'unconditional'}; {args.sampler} with "
+          f"{steps} steps, eta {eta}; {device.type}, {'bf16' if amp else 'fp32'}")
     return path, ckpt, device, diffusion, denoiser(maybe_compile(model, args), device, amp), steps, eta
 
 
 def denoiser(model, device, amp):
-    """model as a plain (x, t) -> eps function, under autocast when amp is set."""
-    def denoise(x, t):
+    """model as an eps(x, t, y=None, w=1) function, under autocast when amp is set.
+
+    With labels y and guidance w, classifier-free guidance (Ho & Salimans 2022, with w shifted by one):
+    eps_u + w (eps_c - eps_u), so w = 1 is plain conditional and w = 0 unconditional. Both branches come
+    from one network call on the batch stacked twice.
+    """
+    no_label = getattr(getattr(model, "cfg", None), "num_classes", 0)
+
+    def denoise(x, t, y=None, w=1.0):
         with autocast(device, amp):
-            return model(x, t)
+            if y is None or w == 0:
+                return model(x, t, None).float()
+            if w == 1:
+                return model(x, t, y).float()
+            eps = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, no_label)]))
+        cond, uncond = eps.float().chunk(2)  # (B, 1, 28, 28) each
+        return uncond + w * (cond - uncond)
     return denoise
 
 
-def generate(denoise, diffusion, n, steps, eta, device, seed, batch_size=500, desc="sampling"):
-    """n final samples (n, 1, 28, 28) on the CPU, drawn in batches; the same seed gives the same images."""
+def generate(denoise, diffusion, n, steps, eta, device, seed, labels=None, guidance=1.0, batch_size=500,
+             desc="sampling"):
+    """n final samples (n, 1, 28, 28) on the CPU, drawn in batches, for labels (n,) or unconditionally;
+    the same seed gives the same images."""
     g = torch.Generator().manual_seed(seed)
-    sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)]
     out = []
     with tqdm(total=n * steps, unit="img-step", desc=desc, mininterval=1, leave=False) as bar:
-        for m in sizes:
-            for _, x, _ in diffusion.sample_loop(denoise, (m, 1, 28, 28), steps=steps, eta=eta, device=device,
+        for i in range(0, n, batch_size):
+            m = min(batch_size, n - i)
+            y = None if labels is None else labels[i:i + m].to(device)
+            model = lambda x, t: denoise(x, t, y, guidance)  # noqa: E731
+            for _, x, _ in diffusion.sample_loop(model, (m, 1, 28, 28), steps=steps, eta=eta, device=device,
                                                  generator=g):
                 bar.update(m)
             out.append(x.float().cpu())
@@ -608,7 +749,9 @@ def sample(args):
     noise = torch.randn((n, 1, 28, 28), generator=torch.Generator().manual_seed(args.sample_seed))
     strip, labels, anim = [noise[:n_strip]], ["noise"], [noise[:n_anim]]
     t0 = time.time()
-    loop = diffusion.sample_loop(denoise, noise.shape, steps=steps, eta=eta, device=device,
+    y = None if args.digit is None else torch.full((n,), args.digit, device=device)
+    model = lambda x, t: denoise(x, t, y, args.guidance)  # noqa: E731
+    loop = diffusion.sample_loop(model, noise.shape, steps=steps, eta=eta, device=device,
                                  generator=torch.Generator().manual_seed(args.sample_seed + 1), noise=noise)
     for k, (t, x, _) in enumerate(tqdm(loop, total=steps, desc="sampling", mininterval=1), start=1):
         if k in strip_at:
@@ -623,13 +766,22 @@ def sample(args):
     out = lambda name: os.path.join(args.out_dir, name)  # noqa: E731
     nrow = math.ceil(math.sqrt(n))
     write_atomic(out("sample.png"), lambda f: figures.grid(x, nrow).save(f, format="PNG"))
-    save_figure(figures.strips(torch.stack(strip), labels, f"reverse process, {args.sampler} {steps} steps"),
+    what = "" if args.digit is None else f", digit {args.digit}, guidance {args.guidance:g}"
+    save_figure(figures.strips(torch.stack(strip), labels, f"reverse process, {args.sampler} {steps} steps{what}"),
                 out("process.png"))
     frames = figures.animation(torch.stack(anim), math.ceil(math.sqrt(n_anim)))
     durations = [80] * (len(frames) - 1) + [1500]  # hold the finished digits
     write_atomic(out("process.gif"), lambda f: frames[0].save(
         f, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0))
     written = ["sample.png", "process.png", "process.gif"]
+    if args.guidance is not None and args.digit is None:
+        # One row per digit, guided; the same seed as the grid, so rerunning gives the same figure.
+        per_row = 10
+        digits = torch.arange(10).repeat_interleave(per_row)
+        rows = generate(denoise, diffusion, len(digits), steps, eta, device, args.sample_seed + 2, labels=digits,
+                        guidance=args.guidance, desc="digits")
+        write_atomic(out("digits.png"), lambda f: figures.grid(rows, per_row).save(f, format="PNG"))
+        written.append("digits.png")
     try:
         real = to_model_range(load_mnist(args.data_dir)[0][:6])
         ts = torch.linspace(0, diffusion.timesteps - 1, 10).round().long()
@@ -692,32 +844,48 @@ class Judge:
         return None
 
     def __call__(self, images, seed=0):
-        """Metrics for images (N, 1, 28, 28) against the test set; P/R use N random test images."""
+        """(metrics, predicted digits (N,)) for images (N, 1, 28, 28) against the test set; precision and
+        recall use N random test images."""
         n = len(images)
         ref = torch.randperm(len(self.test_feats), generator=torch.Generator().manual_seed(seed))[:n]
         feats, probs = evaluate.embed(self.model, images, self.device)
-        return evaluate.metrics(feats, probs, self.test_stats, self.test_feats[ref])
+        return evaluate.metrics(feats, probs, self.test_stats, self.test_feats[ref]), probs.argmax(1)
 
     def floor(self, n, seed=0):
         """The same metrics for n real training images: what a perfect model would score at this n."""
         pick = torch.randperm(len(self.train_x), generator=torch.Generator().manual_seed(seed + 1))[:n]
-        return self(self.train_x[pick], seed)
+        return self(self.train_x[pick], seed)[0]
 
 
 def eval_mode(args):
+    if args.digit is not None:
+        raise UserError("--digit is for --mode sample; eval of a labelled run already asks for every digit")
     path, ckpt, device, diffusion, denoise, steps, eta = load_for_sampling(args)
     judge = Judge(args, device)
     n = args.n_samples or 1000
     t0 = time.time()
     fake = generate(denoise, diffusion, n, steps, eta, device, args.sample_seed)
     seconds = time.time() - t0
-    rows = {"samples": judge(fake, args.sample_seed), "real": judge.floor(n, args.sample_seed)}
+    rows = {"samples": judge(fake, args.sample_seed)[0]}
+    result = {"checkpoint": path, "epoch": ckpt["epoch"], "step": ckpt["step"], "sampler": args.sampler,
+              "steps": steps, "eta": eta, "n": n, "seed": args.sample_seed, "sampling_seconds": round(seconds, 1),
+              "classifier_accuracy": judge.accuracy}
+    if args.guidance is not None:
+        # A labelled run: also n guided samples, digits 0-9 in turn, and how often each is drawn as asked.
+        asked = torch.arange(n) % 10
+        guided = generate(denoise, diffusion, n, steps, eta, device, args.sample_seed, labels=asked,
+                          guidance=args.guidance, desc="guided")
+        rows["guided"], drawn = judge(guided, args.sample_seed)
+        per_digit = [(drawn[asked == d] == d).double().mean().item() for d in range(10)]
+        result.update(guidance=args.guidance, as_asked=per_digit)
+    rows["real"] = judge.floor(n, args.sample_seed)
     print(f"{n} samples in {seconds:.1f} s; classifier test accuracy {judge.accuracy:.2%}; "
           f"'real' is {n} training images, the floor at this N")
     print(evaluate.table(rows))
-    result = {"checkpoint": path, "epoch": ckpt["epoch"], "step": ckpt["step"], "sampler": args.sampler,
-              "steps": steps, "eta": eta, "n": n, "seed": args.sample_seed, "sampling_seconds": round(seconds, 1),
-              "classifier_accuracy": judge.accuracy, **rows}
+    if args.guidance is not None:
+        print(f"guided (W={args.guidance:g}) samples classified as the digit asked for: "
+              + " ".join(f"{d}:{a:.1%}" for d, a in enumerate(per_digit)) + f"; worst {min(per_digit):.1%}")
+    result.update(rows)
     os.makedirs(args.out_dir, exist_ok=True)
     out = os.path.join(args.out_dir, "eval.json")
     write_atomic(out, lambda f: f.write((json.dumps(result, indent=1) + "\n").encode()))

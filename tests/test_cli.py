@@ -55,6 +55,14 @@ def args(workspace, *argv):
     (["--mode", "train", "--checkpoint", "x.pt"], "needs --resume"),
     (["--mode", "sample", "--eta", "1.5"], "--eta must be between 0 and 1"),
     (["--mode", "sample", "--sampler", "ddpm", "--eta", "0"], "--sampler ddpm has eta 1"),
+    (["--mode", "sample", "--digit", "10"], "--digit: invalid choice: 10"),
+    (["--mode", "sample", "--guidance", "-1"], "--guidance: must be a number from 0 to 100"),
+    (["--mode", "train", "--label-dropout", "1"], "--label-dropout: must be a number from 0 up to"),
+    (["--mode", "train", "--unconditional", "--label-dropout", "0.2"], "--label-dropout needs labels"),
+    (["--mode", "eval", "--digit", "3"], "--digit is for --mode sample"),
+    (["--mode", "train", "--resume", "--unconditional"], "was trained with labels; drop --unconditional"),
+    (["--mode", "train", "--minutes", "0"], "--minutes: must be a positive number"),
+    (["--mode", "train", "--resume", "--epochs", "1"], "has already used its budget"),
 ])
 def test_bad_arguments(capsys, workspace, argv, expect):
     fails_cleanly(capsys, workspace, args(workspace, *argv), expect)
@@ -106,7 +114,7 @@ def test_missing_mnist_without_network(capsys, workspace, tmp_path, monkeypatch)
     empty = str(tmp_path / "no-mnist")
     argv = ["--data-dir", empty, "--ckpt-dir", workspace["ckpt_dir"], "--mode", "train", *TINY]
     fails_cleanly(capsys, workspace, argv, os.path.join(empty, "MNIST", "raw"))
-    assert sorted(os.listdir(workspace["ckpt_dir"])) == ["run_001"]  # no empty run folder left
+    assert sorted(os.listdir(workspace["ckpt_dir"])) == [".lock", "run_001"]  # no empty run folder left
 
 
 def test_the_real_command_line_shows_no_traceback(tmp_path):

@@ -65,7 +65,8 @@ def test_real_images_score_far_better_than_noise(judge):
     judge, _ = judge
     assert judge.accuracy > 0.9  # the synthetic digits are easy
     real = judge.floor(200)
-    noise = judge(torch.rand(200, 1, 28, 28) * 2 - 1)
+    noise, predicted = judge(torch.rand(200, 1, 28, 28) * 2 - 1)
+    assert predicted.shape == (200,)
     assert real["fid"] < 0.1 * noise["fid"]
     assert real["precision"] > 0.5 and noise["precision"] < 0.1
 
@@ -97,9 +98,10 @@ def test_eval_mode_writes_a_report(workspace):
                      "--precision", "fp32"]) == 0
     report = json.load(open(os.path.join(out, "eval.json")))
     assert report["n"] == 40 and report["steps"] == 3 and report["sampler"] == "ddim"
-    for row in ("samples", "real"):
+    for row in ("samples", "guided", "real"):  # the tiny run is labelled: guided samples too
         assert set(report[row]) >= {"fid", "precision", "recall", "confident", "entropy", "histogram"}
         assert sum(report[row]["histogram"]) == 40
+    assert report["guidance"] == run.DEFAULT_GUIDANCE and len(report["as_asked"]) == 10
 
 
 def test_eval_every_adds_quality_to_the_training_log(workspace):

@@ -1,0 +1,117 @@
+"""Class labels and classifier-free guidance: the network, the training-time label dropout, the sampler."""
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import run
+from conftest import TINY
+from diffusion import Diffusion
+from model import UNet, UNetConfig
+
+
+def labelled_net():
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(channels=(8, 16, 32), blocks=(1, 1, 1), num_classes=10))
+    for p in net.parameters():  # random everywhere: the zero-initialised layers would hide the label
+        torch.nn.init.normal_(p, std=0.2)
+    return net.eval()
+
+
+def test_the_label_changes_the_output():
+    net, x, t = labelled_net(), torch.randn(2, 1, 28, 28), torch.tensor([5, 500])
+    with torch.no_grad():
+        three, seven, none = net(x, t, torch.tensor([3, 3])), net(x, t, torch.tensor([7, 7])), net(x, t)
+    assert not torch.allclose(three, seven, atol=1e-3) and not torch.allclose(three, none, atol=1e-3)
+    assert torch.equal(none, net(x, t, torch.tensor([10, 10])))  # no label is the last entry
+    d, g = Diffusion(20), lambda: torch.Generator().manual_seed(1)
+    denoise = run.denoiser(net, torch.device("cpu"), None)
+    images = [d.sample(lambda x, t: denoise(x, t, torch.full((2,), k), 3.0), (2, 1, 28, 28), steps=5, generator=g())
+              for k in (3, 7)]
+    assert (images[0] - images[1]).abs().max() > 0.05  # same noise, another digit, another image
+
+
+def test_guidance_weights_follow_the_documented_convention():
+    net, x, t, y = labelled_net(), torch.randn(3, 1, 28, 28), torch.tensor([1, 10, 19]), torch.tensor([0, 4, 9])
+    calls = []
+    net.register_forward_hook(lambda m, inputs, out: calls.append(inputs[0].shape[0]))
+    denoise = run.denoiser(net, torch.device("cpu"), None)
+    with torch.no_grad():
+        cond, uncond = net(x, t, y), net(x, t)
+        calls.clear()
+        assert torch.equal(denoise(x, t, y, 0.0), uncond)  # W = 0: exactly the unconditional prediction
+        assert torch.equal(denoise(x, t, y, 1.0), cond)  # W = 1: plain conditional
+        assert calls == [3, 3]
+        guided = denoise(x, t, y, 2.5)
+    assert calls[-1] == 6  # one network call on the batch stacked twice for both branches
+    torch.testing.assert_close(guided, uncond + 2.5 * (cond - uncond), rtol=1e-4, atol=1e-5)
+
+
+def test_label_dropout_rate():
+    y = torch.randint(0, 10, (200_000,))
+    for p in (0.0, 0.1, 0.5):
+        dropped = run.drop_labels(y, p, 10)
+        share = (dropped == 10).double().mean().item()
+        assert abs(share - p) < 0.005
+        kept = dropped != 10
+        assert torch.equal(dropped[kept], y[kept])
+
+
+def record_labels(monkeypatch):
+    seen, real_step = [], run.train_step
+
+    def step(diffusion, model, ema, opt, x0, y, *rest):
+        seen.append(y)
+        return real_step(diffusion, model, ema, opt, x0, y, *rest)
+    monkeypatch.setattr(run, "train_step", step)
+    return seen
+
+
+def test_training_drops_labels_at_the_set_rate(workspace, tmp_path, monkeypatch, mnist_root):
+    seen = record_labels(monkeypatch)
+    ckpt_dir = str(tmp_path / "half")
+    assert run.main(["--mode", "train", "--epochs", "8", "--label-dropout", "0.5", "--data-dir", mnist_root,
+                     "--ckpt-dir", ckpt_dir, *TINY]) == 0
+    y = torch.cat(seen)
+    assert len(y) == 8 * 64 and 0.4 < (y == 10).double().mean().item() < 0.6
+    assert set(y.tolist()) == set(range(11))
+    ckpt = run.load_checkpoint(run.latest_checkpoint(ckpt_dir))
+    assert ckpt["model_config"]["num_classes"] == 10 and ckpt["train_config"]["label_dropout"] == 0.5
+
+    seen.clear()
+    ckpt_dir = str(tmp_path / "plain")
+    assert run.main(["--mode", "train", "--epochs", "1", "--unconditional", "--data-dir", mnist_root,
+                     "--ckpt-dir", ckpt_dir, *TINY]) == 0
+    assert seen == [None] * 4
+    ckpt = run.load_checkpoint(run.latest_checkpoint(ckpt_dir))
+    assert ckpt["model_config"]["num_classes"] == 0 and ckpt["train_config"]["conditional"] is False
+    assert not any(k.startswith("label_emb") for k in ckpt["model"])
+
+
+def test_digit_grid_and_the_ten_rows(workspace, tmp_path):
+    assert "digits.png" in os.listdir(workspace["out_dir"])  # a labelled run: sample wrote the ten rows
+    assert Image.open(os.path.join(workspace["out_dir"], "digits.png")).size == (302, 302)  # 10 x 10, padding 2
+    out = str(tmp_path / "seven")
+    assert run.main(["--mode", "sample", "--digit", "7", "--guidance", "3", "--n-samples", "9", "--steps", "3",
+                     "--checkpoint", workspace["checkpoint"], "--out-dir", out, "--data-dir", workspace["data_dir"],
+                     "--device", "cpu", "--precision", "fp32"]) == 0
+    assert Image.open(os.path.join(out, "sample.png")).size == (92, 92) and "digits.png" not in os.listdir(out)
+
+
+@pytest.fixture(scope="module")
+def unlabelled(tmp_path_factory, mnist_root):
+    ckpt_dir = str(tmp_path_factory.mktemp("unlabelled"))
+    assert run.main(["--mode", "train", "--epochs", "1", "--unconditional", "--data-dir", mnist_root,
+                     "--ckpt-dir", ckpt_dir, *TINY]) == 0
+    return run.latest_checkpoint(ckpt_dir)
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--mode", "sample", "--digit", "3"], "trained without labels (--unconditional), so --digit"),
+    (["--mode", "eval", "--guidance", "2"], "trained without labels (--unconditional), so --guidance"),
+])
+def test_labels_asked_of_an_unlabelled_checkpoint(capsys, unlabelled, mnist_root, argv, expect):
+    assert run.main([*argv, "--checkpoint", unlabelled, "--data-dir", mnist_root, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and expect in err and unlabelled in err and "\n" not in err

@@ -1,18 +1,24 @@
 """The DDPM noise process: linear-beta schedule, forward noising, the training loss and the samplers.
 
-The network is always an argument (`model(x, t) -> eps`), never an attribute, so this object holds
-no trainable state. References: Ho et al. 2020 (DDPM, arXiv:2006.11239) and Song et al. 2021
+The network is always an argument (`model(x, t) -> output`), never an attribute, so this object holds
+no trainable state. What the output means is the objective: the noise eps (DDPM's choice, the default),
+the clean image x0, or the posterior mean of x_{t-1}; all three share the sampling loop. References: Ho et al. 2020 (DDPM, arXiv:2006.11239) and Song et al. 2021
 (DDIM, arXiv:2010.02502); equation numbers below are theirs.
 """
 import torch
 import torch.nn.functional as F
 
+OBJECTIVES = ("eps", "x0", "mean")
+LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
+
 
 class Diffusion:
-    def __init__(self, timesteps=1000, beta_start=1e-4, beta_end=0.02):
+    def __init__(self, timesteps=1000, beta_start=1e-4, beta_end=0.02, objective="eps", loss="mse"):
         if timesteps < 1:
             raise ValueError("timesteps must be positive")
-        self.timesteps = timesteps
+        if objective not in OBJECTIVES or loss not in LOSSES:
+            raise ValueError(f"objective must be one of {OBJECTIVES} and loss one of {tuple(LOSSES)}")
+        self.timesteps, self.objective, self.loss_type = timesteps, objective, loss
         self.beta_start, self.beta_end = beta_start, beta_end
         # The paper's betas are for T=1000. Scaling them by 1000/T keeps alpha_bar at T near 0 for
         # smaller T, so sampling starts from (almost) pure noise; capped below 1 for tiny T.
@@ -34,7 +40,8 @@ class Diffusion:
         self.posterior_coef_xt = ((1 - alpha_bar_prev) * (1 - betas).sqrt() / (1 - alpha_bar)).float()
 
     def config(self):
-        return {"timesteps": self.timesteps, "beta_start": self.beta_start, "beta_end": self.beta_end}
+        return {"timesteps": self.timesteps, "beta_start": self.beta_start, "beta_end": self.beta_end,
+                "objective": self.objective, "loss": self.loss_type}
 
     @staticmethod
     def _at(a, t, x):
@@ -50,12 +57,24 @@ class Diffusion:
         mean = self._at(self.posterior_coef_x0, t, xt) * x0 + self._at(self.posterior_coef_xt, t, xt) * xt
         return mean, self._at(self.posterior_var, t, xt)
 
+    def target(self, x0, xt, t, noise):
+        """What the network learns to output for x_t: eps, x_0, or the posterior mean of x_{t-1} (eq. 7)."""
+        if self.objective == "eps":
+            return noise
+        elif self.objective == "x0":
+            return x0
+        elif self.objective == "mean":
+            return self.q_posterior(x0, xt, t)[0]
+        else:
+            raise ValueError(f"unknown objective {self.objective!r}")
+
     def loss(self, model, x0):
-        """The simplified DDPM objective, eq. (14): || eps - eps_theta(x_t, t) ||^2 at a uniform t."""
+        """The simplified DDPM objective at a uniform t, eq. (14) for eps: || target - output ||^2 (or |.|
+        for the l1 loss), unweighted over t for every objective."""
         t = torch.randint(0, self.timesteps, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
-        eps = model(self.q_sample(x0, t, noise), t)
-        return F.mse_loss(eps.float(), noise)
+        xt = self.q_sample(x0, t, noise)
+        return LOSSES[self.loss_type](model(xt, t).float(), self.target(x0, xt, t, noise))
 
     def timestep_pairs(self, steps):
         """(t, t_prev) pairs from T-1 down to 0; t_prev = -1 marks the final step to x_0."""
@@ -66,15 +85,31 @@ class Diffusion:
         ts = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
         return list(zip(ts, ts[1:] + [-1]))
 
-    def step(self, eps, xt, t, t_prev, eta, noise):
-        """One generalized step x_t -> x_{t_prev}, eq. (12) of DDIM.
+    def step(self, out, xt, t, t_prev, eta, noise):
+        """One step x_t -> x_{t_prev} from the network's output; also returns the predicted x_0, clipped.
 
-        eta=0 is deterministic DDIM; eta=1 over consecutive steps is the DDPM ancestral step with the
-        posterior variance beta-tilde. Also returns the predicted x_0, clipped to [-1, 1].
+        The general rule is eq. (12) of DDIM on the predicted x_0: eta=0 is deterministic DDIM; eta=1 over
+        consecutive steps is the DDPM ancestral step with the posterior variance beta-tilde. A network
+        that predicts the posterior mean takes the DDPM step with its own output instead, eq. (11) of
+        DDPM with mu_theta given: x_{t-1} = mu_theta + sigma_t z.
         """
         ab = self._alpha_bar[t]
         ab_prev = self._alpha_bar[t_prev] if t_prev >= 0 else 1.0
-        x0 = ((xt - (1 - ab) ** 0.5 * eps) / ab ** 0.5).clamp(-1, 1)  # eq. (9) solved for x_0
+        if self.objective == "eps":
+            x0 = (xt - (1 - ab) ** 0.5 * out) / ab ** 0.5  # eq. (9) solved for x_0
+        elif self.objective == "x0":
+            x0 = out
+        elif self.objective == "mean":
+            beta = 1 - ab / ab_prev  # eq. (7): mean = c0 x_0 + ct x_t, solved for x_0
+            c0, ct = beta * ab_prev ** 0.5 / (1 - ab), (1 - ab_prev) * (1 - beta) ** 0.5 / (1 - ab)
+            if t_prev == t - 1 and eta == 1:
+                var = beta * (1 - ab_prev) / (1 - ab)
+                x_prev = out + var ** 0.5 * noise if var > 0 else out
+                return x_prev, ((out - ct * xt) / c0).clamp(-1, 1)
+            x0 = (out - ct * xt) / c0
+        else:
+            raise ValueError(f"unknown objective {self.objective!r}")
+        x0 = x0.clamp(-1, 1)
         eps = (xt - ab ** 0.5 * x0) / (1 - ab) ** 0.5  # the noise consistent with the clipped x_0
         # sigma_t(eta), eq. (16): eta=1 gives the DDPM posterior variance (1-ab_prev)/(1-ab) beta_t.
         var = eta ** 2 * (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
@@ -95,9 +130,9 @@ class Diffusion:
         x = (torch.randn(shape, generator=generator) if noise is None else noise).to(device)
         for t, t_prev in self.timestep_pairs(steps or self.timesteps):
             tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
-            eps = model(x, tt).float()
+            out = model(x, tt).float()
             z = torch.randn(shape, generator=generator).to(device) if eta > 0 and t_prev >= 0 else None
-            x, x0 = self.step(eps, x, t, t_prev, eta, z)
+            x, x0 = self.step(out, x, t, t_prev, eta, z)
             yield t_prev, x, x0
 
     def sample(self, model, shape, **kw):

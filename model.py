@@ -1,7 +1,8 @@
-"""The denoising network: a small residual convolutional U-Net with a timestep embedding.
+"""The denoising networks: a small residual convolutional U-Net (the default) and, to compare against,
+a residual MLP over the flattened image. Both take a timestep embedding and an optional digit label.
 
-It maps a noisy image and its timestep to a prediction of the noise; it knows nothing about the
-noise schedule (that lives in diffusion.py).
+They map a noisy image and its timestep to a prediction (of the noise, by default); they know nothing
+about the noise schedule (that lives in diffusion.py).
 """
 import math
 from dataclasses import dataclass
@@ -111,6 +112,65 @@ class UNet(nn.Module):
             for block in blocks:
                 h = block(h, temb)
         return self.out(h)  # (B, 1, 28, 28)
+
+
+@dataclass
+class MLPConfig:
+    width: int = 384        # hidden units; 384 x 5 blocks is about the U-Net's 2.3M parameters
+    depth: int = 5          # residual blocks
+    num_classes: int = 0    # as in UNetConfig
+
+
+class MLPBlock(nn.Module):
+    """LayerNorm-SiLU-Linear twice on h + the timestep embedding, on a residual path."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.norm1, self.fc1 = nn.LayerNorm(width), nn.Linear(width, width)
+        self.norm2, self.fc2 = nn.LayerNorm(width), nn.Linear(width, width)
+        nn.init.zeros_(self.fc2.weight)  # starts as the identity, as the U-Net's blocks do
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, h, temb):
+        r = self.fc1(F.silu(self.norm1(h + temb)))
+        return h + self.fc2(F.silu(self.norm2(r)))
+
+
+class MLP(nn.Module):
+    """out = MLP(x, t, y) over the flattened 28x28 image: no convolutions, no notion of neighbouring pixels.
+    The timestep enters through the same sinusoidal embedding as the U-Net's."""
+
+    def __init__(self, cfg: MLPConfig):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.time_mlp = nn.Sequential(nn.Linear(128, w), nn.SiLU(), nn.Linear(w, w), nn.SiLU())
+        self.label_emb = nn.Embedding(cfg.num_classes + 1, w) if cfg.num_classes else None
+        self.inp = nn.Linear(28 * 28, w)
+        self.blocks = nn.ModuleList(MLPBlock(w) for _ in range(cfg.depth))
+        self.out = nn.Sequential(nn.LayerNorm(w), nn.SiLU(), nn.Linear(w, 28 * 28))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x, t, y=None):
+        temb = add_label(self.label_emb, self.time_mlp(timestep_embedding(t, 128)), y)  # (B, width)
+        h = self.inp(x.flatten(1))  # (B, width)
+        for block in self.blocks:
+            h = block(h, temb)
+        return self.out(h).view_as(x)  # (B, 1, 28, 28)
+
+
+def build_network(config):
+    """The network a checkpoint's model_config describes: {"arch": "unet" | "mlp", **its config}."""
+    config = dict(config)
+    arch = config.pop("arch", "unet")  # checkpoints from before the MLP hold a U-Net
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    if arch == "unet":
+        return UNet(UNetConfig(**config))
+    elif arch == "mlp":
+        return MLP(MLPConfig(**config))
+    else:
+        raise ValueError(f"unknown architecture {arch!r}; expected unet or mlp")
 
 
 def count_parameters(model):

@@ -23,7 +23,8 @@ from tqdm import tqdm
 import evaluate
 import figures
 from diffusion import Diffusion
-from model import UNet, UNetConfig, count_parameters
+from diffusion import LOSSES, OBJECTIVES
+from model import MLPConfig, UNetConfig, build_network, count_parameters
 
 FORMAT = "mnist-ddpm/1"  # written into every checkpoint, checked on load
 MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
@@ -31,9 +32,14 @@ MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
 
 # Flags that define a run. Their defaults apply to a new run; with --resume, flags not given take the
 # checkpoint's values and flags given must agree with them. --epochs may grow on resume.
-TRAIN_DEFAULTS = dict(channels=UNetConfig.channels, blocks=UNetConfig.blocks, timesteps=1000,
+TRAIN_DEFAULTS = dict(arch="unet", channels=UNetConfig.channels, blocks=UNetConfig.blocks, width=MLPConfig.width,
+                      depth=MLPConfig.depth, objective="eps", loss="mse", timesteps=1000,
                       batch_size=128, lr=1e-3, warmup=200, schedule="cosine", ema_decay=0.999, seed=0,
                       conditional=True, label_dropout=0.1)
+# Checkpoints from before labels, lr schedules, objectives and the MLP: unconditional, constant lr, eps, U-Net.
+LEGACY = dict(TRAIN_DEFAULTS, conditional=False, label_dropout=0.0, schedule="constant")
+TRAINING_FLAGS = (*TRAIN_DEFAULTS, "epochs", "minutes", "resume", "keep", "eval_every")
+SAMPLING_FLAGS = ("n_samples", "sampler", "steps", "eta", "sample_seed", "digit", "guidance")
 DEFAULT_GUIDANCE = 2.0  # classifier-free guidance weight W; 1 is plain conditional, 0 unconditional
 DEFAULT_EPOCHS = 10  # a new run given neither --epochs nor --minutes
 
@@ -118,7 +124,7 @@ def build_parser():
     p.add_argument("--checkpoint", metavar="PATH", help="checkpoint to sample, evaluate or resume "
                                                         "(default: the newest under --ckpt-dir)")
     g = p.add_argument_group("training (a new run takes the defaults; --resume takes the checkpoint's)")
-    g.add_argument("--resume", action="store_true", help="continue the newest run, or --checkpoint")
+    g.add_argument("--resume", action="store_true", default=None, help="continue the newest run, or --checkpoint")
     g.add_argument("--epochs", type=positive_int, metavar="N",
                    help=f"total epochs of the run (default {DEFAULT_EPOCHS}, or no limit with --minutes)")
     g.add_argument("--minutes", type=positive_float, metavar="M",
@@ -133,6 +139,14 @@ def build_parser():
     g.add_argument("--ema-decay", type=positive_float, metavar="D",
                    help=f"EMA decay, approached as (1+n)/(10+n) (default {D['ema_decay']})")
     g.add_argument("--seed", type=int, help=f"initialisation, data order and noise (default {D['seed']})")
+    g.add_argument("--arch", choices=["unet", "mlp"],
+                   help="the network: a residual conv U-Net, or an MLP over the flattened image (default unet)")
+    g.add_argument("--width", type=positive_int, metavar="N", help=f"MLP hidden width (default {D['width']})")
+    g.add_argument("--depth", type=positive_int, metavar="N", help=f"MLP residual blocks (default {D['depth']})")
+    g.add_argument("--objective", choices=OBJECTIVES,
+                   help="what the network predicts: the noise eps (DDPM), the clean image x0, or the posterior "
+                        "mean of x_{t-1} (default eps)")
+    g.add_argument("--loss", choices=list(LOSSES), help="the regression loss on that target (default mse)")
     g.add_argument("--timesteps", type=positive_int, metavar="T", help=f"diffusion steps (default {D['timesteps']})")
     g.add_argument("--channels", type=int_list, metavar="A,B,C",
                    help=f"U-Net widths at 28, 14 and 7 pixels (default {fmt(D['channels'])})")
@@ -150,7 +164,7 @@ def build_parser():
                    help="every K epochs, FID etc. of 500 DDIM-20 samples into the log and loss.png")
     g = p.add_argument_group("sampling and evaluation")
     g.add_argument("--n-samples", type=positive_int, metavar="N", help="images to draw (default: sample 256, eval 1000)")
-    g.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim"],
+    g.add_argument("--sampler", choices=["ddpm", "ddim"],
                    help="ddpm: ancestral, all T steps; ddim: --steps evenly spaced steps (default ddim)")
     g.add_argument("--steps", type=positive_int, metavar="N", help="DDIM steps (default 50)")
     g.add_argument("--eta", type=float, help="DDIM noise (Song et al. eq. 16): 0 is deterministic DDIM, 1 the "
@@ -160,7 +174,7 @@ def build_parser():
     g.add_argument("--guidance", type=guidance_weight, metavar="W",
                    help=f"classifier-free guidance eps_u + W (eps_c - eps_u): 1 is plain conditional, 0 "
                         f"unconditional (default {DEFAULT_GUIDANCE:g}; labelled runs)")
-    g.add_argument("--sample-seed", type=int, default=0, metavar="S",
+    g.add_argument("--sample-seed", type=int, metavar="S",
                    help="same seed and checkpoint, same images (default 0)")
     return p
 
@@ -316,19 +330,13 @@ def load_checkpoint(path):
     return ckpt
 
 
-def build_model(config):
-    return UNet(UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}))
-
-
 # ----------------------------------------------------------------------------------------------
 # Training
 
 
 def run_config(args, ckpt):
     """The run's settings: flags given, else the checkpoint's (on resume), else the defaults."""
-    # Checkpoints from before labels and lr schedules were unconditional, at a constant lr.
-    cfg = {"conditional": False, "label_dropout": 0.0, "schedule": "constant", **ckpt["train_config"]} \
-        if ckpt else dict(TRAIN_DEFAULTS)
+    cfg = {**LEGACY, **ckpt["train_config"]} if ckpt else dict(TRAIN_DEFAULTS)
     for key in TRAIN_DEFAULTS:
         given = getattr(args, key)
         if given is None:
@@ -344,6 +352,11 @@ def run_config(args, ckpt):
         cfg[key] = given
     if not cfg["conditional"] and args.label_dropout is not None:
         raise UserError("--label-dropout needs labels; drop it or drop --unconditional")
+    other = {"unet": ("width", "depth"), "mlp": ("channels", "blocks")}[cfg["arch"]]
+    for key in other:
+        if getattr(args, key) is not None:
+            raise UserError(f"--{key} does not apply to --arch {cfg['arch']}; drop it (--channels and --blocks "
+                            f"shape the U-Net, --width and --depth the MLP)")
     return cfg
 
 
@@ -416,7 +429,7 @@ def maybe_compile(model, args):
 
 def make_trainable(model_config, cfg, device):
     """The network, its EMA copy and the optimizer, on the device."""
-    model = build_model(model_config).to(device)
+    model = build_network(model_config).to(device)
     ema = AveragedModel(model, multi_avg_fn=ema_update(cfg["ema_decay"]), use_buffers=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], fused=device.type in ("cuda", "cpu"))
     return model, ema, opt
@@ -523,10 +536,15 @@ def train_locked(args, device, amp, ckpt):
     judge = Judge(args, device) if args.eval_every else None
 
     torch.manual_seed(cfg["seed"])
-    diffusion = Diffusion(cfg["timesteps"])
+    diffusion = Diffusion(cfg["timesteps"], objective=cfg["objective"], loss=cfg["loss"])
     no_label = 10  # the label embedding's last entry
-    model_config = asdict(UNetConfig(channels=cfg["channels"], blocks=cfg["blocks"],
-                                     num_classes=no_label if cfg["conditional"] else 0))
+    num_classes = no_label if cfg["conditional"] else 0
+    if cfg["arch"] == "unet":
+        shape = f"channels {fmt(cfg['channels'])}, blocks {fmt(cfg['blocks'])}"
+        model_config = {"arch": "unet", **asdict(UNetConfig(cfg["channels"], cfg["blocks"], num_classes=num_classes))}
+    else:
+        shape = f"width {cfg['width']}, depth {cfg['depth']}"
+        model_config = {"arch": "mlp", **asdict(MLPConfig(cfg["width"], cfg["depth"], num_classes))}
     model, ema, opt = make_trainable(model_config, cfg, device)
     net = maybe_compile(model, args)  # what the training step calls
     epoch, batch, step, history, log, elapsed = 0, 0, 0, [], [], 0.0
@@ -545,8 +563,8 @@ def train_locked(args, device, amp, ckpt):
 
     kind = f"labels, dropout {cfg['label_dropout']:g}" if cfg["conditional"] else "no labels"
     budget = " and ".join(([f"{epochs} epochs"] if epochs else []) + ([f"{minutes:g} minutes"] if minutes else []))
-    print(f"UNet {count_parameters(model):,} parameters, channels {fmt(cfg['channels'])}, blocks "
-          f"{fmt(cfg['blocks'])}; T={cfg['timesteps']}; "
+    print(f"{cfg['arch']} {count_parameters(model):,} parameters, {shape}; predicts {cfg['objective']}, "
+          f"{cfg['loss']} loss; T={cfg['timesteps']}; "
           f"{kind}; {n:,} images, {n_batches} batches of {bs}; "
           f"budget {budget}; device {device.type}, {'bf16' if amp else 'fp32'}; run {run_dir}")
     clock = time.time() - elapsed  # elapsed() continues the run's clock across --resume
@@ -684,7 +702,7 @@ def load_for_sampling(args):
     ckpt = load_checkpoint(path)
     diffusion = Diffusion(**ckpt["diffusion_config"])
     steps, eta = sampler_settings(args, diffusion.timesteps)
-    model = build_model(ckpt["model_config"]).to(device)
+    model = build_network(ckpt["model_config"]).to(device)
     model.load_state_dict(ckpt["ema"])
     model.eval()
     labelled = model.cfg.num_classes > 0
@@ -896,9 +914,23 @@ def eval_mode(args):
 # ----------------------------------------------------------------------------------------------
 
 
+def check_mode_flags(args):
+    """Refuse a flag that the chosen mode would ignore (such as --steps, DDIM steps, in train mode);
+    then fill in the sampling defaults."""
+    wrong = SAMPLING_FLAGS if args.mode == "train" else TRAINING_FLAGS
+    given = [k for k in wrong if getattr(args, k) is not None]
+    if given:
+        flag = "--unconditional" if given[0] == "conditional" else "--" + given[0].replace("_", "-")
+        kind = "sampling" if args.mode == "train" else "training"
+        raise UserError(f"{flag} is a {kind} flag and does nothing in --mode {args.mode}; drop it")
+    args.sampler = args.sampler or "ddim"
+    args.sample_seed = args.sample_seed or 0
+
+
 def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
+        check_mode_flags(args)
         if args.mode == "train":
             return train(args)
         elif args.mode == "sample":

@@ -2,7 +2,7 @@
 import torch
 
 import run
-from model import UNet, UNetConfig, count_parameters
+from model import UNet, UNetConfig, build_network, count_parameters
 
 
 def test_default_size_matches_the_design_card():
@@ -35,7 +35,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     path = str(tmp_path / "ckpt.pt")
     run.save_checkpoint({"format": run.FORMAT, "model_config": vars(cfg), "ema": model.state_dict()}, path)
     ckpt = run.load_checkpoint(path)
-    rebuilt = run.build_model(ckpt["model_config"])
+    rebuilt = build_network(ckpt["model_config"])
     rebuilt.load_state_dict(ckpt["ema"])
     x, t = torch.randn(3, 1, 28, 28), torch.tensor([0, 10, 999])
     assert torch.equal(model(x, t), rebuilt(x, t))

@@ -40,7 +40,7 @@ def animation(frames, nrow):
     return [grid(f, nrow) for f in frames]
 
 
-def loss_curve(history, title, evals=()):
+def loss_curve(history, title, evals=(), ylabel="loss"):
     """history [(step, loss)] on a log scale; evals [(step, FID)], if any, on a second axis."""
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     if history:
@@ -48,7 +48,7 @@ def loss_curve(history, title, evals=()):
         ax.plot(steps, losses, lw=1, label="training loss")
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (MSE on eps)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     if evals:
@@ -56,5 +56,31 @@ def loss_curve(history, title, evals=()):
         ax2.plot(*zip(*evals), "o-", color="tab:red", label="FID (500 samples)")
         ax2.set_ylabel("FID", color="tab:red")
         ax2.set_yscale("log")
+    fig.tight_layout()
+    return fig
+
+
+def panels(images, titles, nrow=8):
+    """One grid per entry of images [(N, 1, 28, 28)], side by side, each under its title."""
+    fig, axes = plt.subplots(1, len(images), figsize=(2.6 * len(images), 3.0), dpi=100, squeeze=False)
+    for ax, x, title in zip(axes[0], images, titles):
+        ax.imshow(grid(x, nrow), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def fid_curve(points, floor, title):
+    """points [(minutes, FID)] of training runs, with the real-data floor as a line."""
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+    ax.plot(*zip(*points), "o-", label="samples")
+    ax.axhline(floor, color="gray", ls="--", label="real images (floor)")
+    ax.set_xlabel("training minutes")
+    ax.set_ylabel("FID")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
     fig.tight_layout()
     return fig

@@ -73,6 +73,8 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(c[0], tdim), nn.SiLU(), nn.Linear(tdim, tdim), nn.SiLU())
         # One learned vector per label plus one for "no label", added to the timestep embedding.
         self.label_emb = nn.Embedding(cfg.num_classes + 1, tdim) if cfg.num_classes else None
+        if self.label_emb is not None:  # zero: labels start as a no-op, not as noise swamping the timestep
+            nn.init.zeros_(self.label_emb.weight)
         self.stem = nn.Conv2d(1, c[0], 3, padding=1)
 
         # Down: blocks at each level, then a strided conv to the next (28 -> 14 -> 7).
@@ -146,6 +148,8 @@ class MLP(nn.Module):
         w = cfg.width
         self.time_mlp = nn.Sequential(nn.Linear(128, w), nn.SiLU(), nn.Linear(w, w), nn.SiLU())
         self.label_emb = nn.Embedding(cfg.num_classes + 1, w) if cfg.num_classes else None
+        if self.label_emb is not None:
+            nn.init.zeros_(self.label_emb.weight)
         self.inp = nn.Linear(28 * 28, w)
         self.blocks = nn.ModuleList(MLPBlock(w) for _ in range(cfg.depth))
         self.out = nn.Sequential(nn.LayerNorm(w), nn.SiLU(), nn.Linear(w, 28 * 28))

@@ -103,7 +103,15 @@ def int_list(s):
     except ValueError:
         v = ()
     if len(v) != 3 or min(v) < 1:
-        raise argparse.ArgumentTypeError(f"must be three positive integers like 16,64,256, got {s!r}")
+        raise argparse.ArgumentTypeError(f"must be three positive integers like 1,1,2, got {s!r}")
+    return v
+
+
+def channel_list(s):
+    v = int_list(s)
+    if any(c % UNetConfig.groups for c in v):
+        raise argparse.ArgumentTypeError(f"must be three multiples of {UNetConfig.groups} (the GroupNorm groups) "
+                                         f"like 16,64,256, got {s!r}")
     return v
 
 
@@ -148,7 +156,7 @@ def build_parser():
                         "mean of x_{t-1} (default eps)")
     g.add_argument("--loss", choices=list(LOSSES), help="the regression loss on that target (default mse)")
     g.add_argument("--timesteps", type=positive_int, metavar="T", help=f"diffusion steps (default {D['timesteps']})")
-    g.add_argument("--channels", type=int_list, metavar="A,B,C",
+    g.add_argument("--channels", type=channel_list, metavar="A,B,C",
                    help=f"U-Net widths at 28, 14 and 7 pixels (default {fmt(D['channels'])})")
     g.add_argument("--blocks", type=int_list, metavar="A,B,C",
                    help=f"residual blocks per level (default {fmt(D['blocks'])})")
@@ -292,6 +300,14 @@ def write_atomic(path, write):
             os.remove(tmp)
 
 
+def make_folder(path, flag):
+    """os.makedirs(path), or a one-line error naming the flag that chose the folder."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the folder {path} ({e.strerror or e}); pass another {flag}") from None
+
+
 def clean_temporary(folder):
     """Remove the temporary files of writes that were killed (call while holding the folder's lock)."""
     for path in glob.glob(os.path.join(folder, ".*.tmp*")):
@@ -368,7 +384,7 @@ def fmt(v):
 def training_lock(ckpt_dir):
     """Hold ckpt_dir/.lock for the whole training: a second training into the same folder is refused.
     The operating system drops the lock when the process ends, however it ends (even SIGKILL)."""
-    os.makedirs(ckpt_dir, exist_ok=True)
+    make_folder(ckpt_dir, "--ckpt-dir")
     path = os.path.join(ckpt_dir, ".lock")
     try:
         import fcntl
@@ -404,7 +420,11 @@ def prune_checkpoints(run_dir, keep, steps_per_epoch):
 
 
 def new_run_dir(ckpt_dir):
-    os.makedirs(ckpt_dir, exist_ok=True)
+    """A fresh ckpt_dir/run_NNN. Leftovers of killed runs go first: temporary files, then empty run folders."""
+    for d in glob.glob(os.path.join(ckpt_dir, "run_*")):
+        clean_temporary(d)
+        with contextlib.suppress(OSError):
+            os.rmdir(d)  # only succeeds if empty
     n = 1 + max([int(d[4:]) for d in os.listdir(ckpt_dir) if d.startswith("run_") and d[4:].isdigit()],
                 default=0)
     path = os.path.join(ckpt_dir, f"run_{n:03d}")
@@ -482,6 +502,18 @@ def set_rng_state(state, device):
         torch.mps.set_rng_state(state["mps"])
 
 
+def network_config(cfg, num_classes):
+    """The checkpoint's model_config for the run's settings, and a short description of its shape."""
+    if cfg["arch"] == "unet":
+        return ({"arch": "unet", **asdict(UNetConfig(cfg["channels"], cfg["blocks"], num_classes=num_classes))},
+                f"channels {fmt(cfg['channels'])}, blocks {fmt(cfg['blocks'])}")
+    elif cfg["arch"] == "mlp":
+        return ({"arch": "mlp", **asdict(MLPConfig(cfg["width"], cfg["depth"], num_classes))},
+                f"width {cfg['width']}, depth {cfg['depth']}")
+    else:
+        raise UserError(f"unknown --arch {cfg['arch']!r}; choose unet or mlp")
+
+
 def run_budget(args, ckpt):
     """(epochs, minutes) of the run: the flags given, else the checkpoint's; None means no limit."""
     saved = ckpt.get("budget", {}) if ckpt else {}
@@ -519,6 +551,8 @@ def train(args):
 
 
 def train_locked(args, device, amp, ckpt):
+    if ckpt:  # we hold the lock: any temporary file in the run's folder is a killed write's leftover
+        clean_temporary(os.path.dirname(args.checkpoint_path))
     cfg = run_config(args, ckpt)
     epochs, minutes = run_budget(args, ckpt)
     images, labels = load_mnist(args.data_dir)  # (N, 28, 28) uint8, (N,): the whole set in memory
@@ -538,13 +572,7 @@ def train_locked(args, device, amp, ckpt):
     torch.manual_seed(cfg["seed"])
     diffusion = Diffusion(cfg["timesteps"], objective=cfg["objective"], loss=cfg["loss"])
     no_label = 10  # the label embedding's last entry
-    num_classes = no_label if cfg["conditional"] else 0
-    if cfg["arch"] == "unet":
-        shape = f"channels {fmt(cfg['channels'])}, blocks {fmt(cfg['blocks'])}"
-        model_config = {"arch": "unet", **asdict(UNetConfig(cfg["channels"], cfg["blocks"], num_classes=num_classes))}
-    else:
-        shape = f"width {cfg['width']}, depth {cfg['depth']}"
-        model_config = {"arch": "mlp", **asdict(MLPConfig(cfg["width"], cfg["depth"], num_classes))}
+    model_config, shape = network_config(cfg, no_label if cfg["conditional"] else 0)
     model, ema, opt = make_trainable(model_config, cfg, device)
     net = maybe_compile(model, args)  # what the training step calls
     epoch, batch, step, history, log, elapsed = 0, 0, 0, [], [], 0.0
@@ -557,7 +585,6 @@ def train_locked(args, device, amp, ckpt):
         history, log, elapsed = ckpt["history"], ckpt["log"], ckpt.get("elapsed", 0.0)
         set_rng_state(ckpt["rng"], device)
         run_dir = os.path.dirname(args.checkpoint_path)
-        clean_temporary(run_dir)
     else:
         run_dir = new_run_dir(args.ckpt_dir)
 
@@ -588,7 +615,8 @@ def train_locked(args, device, amp, ckpt):
         write_atomic(os.path.join(run_dir, "log.jsonl"),
                      lambda f: f.write("".join(json.dumps(r) + "\n" for r in log).encode()))
         evals = [(r["step"], r["fid"]) for r in log if "fid" in r]
-        save_figure(figures.loss_curve(history, f"{run_dir}: step {step}, epoch {epoch}", evals),
+        save_figure(figures.loss_curve(history, f"{run_dir}: step {step}, epoch {epoch}", evals,
+                                       f"{cfg['loss']} loss on {cfg['objective']}"),
                     os.path.join(run_dir, "loss.png"))
         tqdm.write(f"saved {path}")
 
@@ -604,33 +632,38 @@ def train_locked(args, device, amp, ckpt):
             bar = tqdm(total=n_batches * bs, initial=batch * bs, unit="img", mininterval=1, dynamic_ncols=True,
                        desc=f"epoch {epoch + 1}" + (f"/{epochs}" if epochs else ""))
             running, count, epoch_loss, epoch_count, t0 = torch.zeros((), device=device), 0, 0.0, 0, time.time()
-            while batch < n_batches:
-                done = progress(step, elapsed())
-                if done >= 1:
-                    break
-                idx = order[batch * bs:(batch + 1) * bs]
-                x0 = to_model_range(images[idx])  # (B, 1, 28, 28)
-                y = drop_labels(labels[idx], cfg["label_dropout"], no_label) if cfg["conditional"] else None
-                for group in opt.param_groups:
-                    group["lr"] = learning_rate(cfg, step, done)
-                running += train_step(diffusion, net, ema, opt, x0, y, device, amp)
-                count += 1
-                batch += 1
-                step += 1
-                bar.update(bs)
-                if count == log_every or batch == n_batches or stop.requested:
-                    mean = running.item() / count  # one host sync per log_every steps
-                    if not math.isfinite(mean):
-                        raise UserError(f"the loss became non-finite by step {step}; stopped without saving "
-                                        f"(the last good checkpoint is kept); try a lower --lr")
-                    history.append([step, mean])
-                    epoch_loss, epoch_count = epoch_loss + mean * count, epoch_count + count
-                    running.zero_()
-                    count = 0
-                    bar.set_postfix(loss=f"{mean:.4f}", budget=f"{done:.0%}")
-                if stop.requested:
-                    break
-            bar.close()
+            first_bad = torch.zeros((), dtype=torch.long, device=device)  # the first step with a non-finite loss
+            try:  # the bar closes before any error is printed, so the error is the last line
+                while batch < n_batches:
+                    done = progress(step, elapsed())
+                    if done >= 1:
+                        break
+                    idx = order[batch * bs:(batch + 1) * bs]
+                    x0 = to_model_range(images[idx])  # (B, 1, 28, 28)
+                    y = drop_labels(labels[idx], cfg["label_dropout"], no_label) if cfg["conditional"] else None
+                    for group in opt.param_groups:
+                        group["lr"] = learning_rate(cfg, step, done)
+                    loss = train_step(diffusion, net, ema, opt, x0, y, device, amp)
+                    running += loss
+                    count += 1
+                    batch += 1
+                    step += 1
+                    first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss), step, first_bad)  # no sync
+                    bar.update(bs)
+                    if count == log_every or batch == n_batches or stop.requested:
+                        mean = running.item() / count  # one host sync per log_every steps
+                        if not math.isfinite(mean):
+                            raise UserError(f"the loss became non-finite at step {first_bad.item()}; stopped without "
+                                            f"saving (the last good checkpoint is kept); try a lower --lr")
+                        history.append([step, mean])
+                        epoch_loss, epoch_count = epoch_loss + mean * count, epoch_count + count
+                        running.zero_()
+                        count = 0
+                        bar.set_postfix(loss=f"{mean:.4f}", budget=f"{done:.0%}")
+                    if stop.requested:
+                        break
+            finally:
+                bar.close()
             if stop.requested:
                 save()
                 print(f"stopped at epoch {epoch + 1}, batch {batch}/{n_batches} (step {step}); "
@@ -640,6 +673,9 @@ def train_locked(args, device, amp, ckpt):
                 break  # the budget ended before this epoch's first step
             if count:  # the budget ran out between two log points
                 mean = running.item() / count
+                if not math.isfinite(mean):
+                    raise UserError(f"the loss became non-finite at step {first_bad.item()}; stopped without "
+                                    f"saving (the last good checkpoint is kept); try a lower --lr")
                 history.append([step, mean])
                 epoch_loss, epoch_count = epoch_loss + mean * count, epoch_count + count
             seconds = time.time() - t0
@@ -780,7 +816,7 @@ def sample(args):
     seconds = time.time() - t0
     x = x.cpu()
 
-    os.makedirs(args.out_dir, exist_ok=True)
+    make_folder(args.out_dir, "--out-dir")
     out = lambda name: os.path.join(args.out_dir, name)  # noqa: E731
     nrow = math.ceil(math.sqrt(n))
     write_atomic(out("sample.png"), lambda f: figures.grid(x, nrow).save(f, format="PNG"))
@@ -839,7 +875,7 @@ class Judge:
             self.model = evaluate.train_classifier(self.train_x, train_y, device, log=tqdm.write)
             self.accuracy = evaluate.accuracy(self.model, self.test_x, test_y, device)
             print(f"evaluation classifier: test accuracy {self.accuracy:.2%}")
-            os.makedirs(args.ckpt_dir, exist_ok=True)
+            make_folder(args.ckpt_dir, "--ckpt-dir")
             save_checkpoint({"format": "mnist-classifier", "version": evaluate.CLASSIFIER_VERSION,
                              "data": fingerprint, "test_accuracy": self.accuracy,
                              "model": self.model.state_dict()}, path)
@@ -904,7 +940,7 @@ def eval_mode(args):
         print(f"guided (W={args.guidance:g}) samples classified as the digit asked for: "
               + " ".join(f"{d}:{a:.1%}" for d, a in enumerate(per_digit)) + f"; worst {min(per_digit):.1%}")
     result.update(rows)
-    os.makedirs(args.out_dir, exist_ok=True)
+    make_folder(args.out_dir, "--out-dir")
     out = os.path.join(args.out_dir, "eval.json")
     write_atomic(out, lambda f: f.write((json.dumps(result, indent=1) + "\n").encode()))
     print(f"wrote {out}")

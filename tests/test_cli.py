@@ -1,6 +1,7 @@
 """Bad input: one line on stderr, a non-zero exit, no traceback, and nothing the user had is lost."""
 import hashlib
 import os
+import pickle
 import subprocess
 import sys
 
@@ -49,6 +50,14 @@ def args(workspace, *argv):
     (["--mode", "train", "--timesteps", "0"], "--timesteps: must be a positive integer"),
     (["--mode", "train", "--lr", "nan"], "--lr: must be a positive number"),
     (["--mode", "train", "--channels", "8,16"], "--channels: must be three positive integers"),
+    (["--mode", "train", "--channels", "8,12,16"], "--channels: must be three multiples of 8"),
+    (["--mode", "train", "--arch", "mlp", "--channels", "8,16,32"], "--channels does not apply to --arch mlp"),
+    (["--mode", "train", "--width", "64"], "--width does not apply to --arch unet"),
+    (["--mode", "train", "--objective", "v"], "--objective: invalid choice: 'v'"),
+    (["--mode", "train", "--steps", "20"], "--steps is a sampling flag and does nothing in --mode train"),
+    (["--mode", "sample", "--lr", "1e-3"], "--lr is a training flag and does nothing in --mode sample"),
+    (["--mode", "eval", "--unconditional"], "--unconditional is a training flag"),
+    (["--mode", "train", "--resume", "--objective", "x0"], "was trained with --objective eps, not x0"),
     (["--mode", "sample", "--checkpoint", "no/such/file.pt"], "does not exist"),
     (["--mode", "sample", "--sampler", "ddpm", "--steps", "5"], "--sampler ddpm always runs all"),
     (["--mode", "sample", "--steps", "999"], "exceeds the checkpoint's 20 timesteps"),
@@ -84,21 +93,42 @@ def test_compile_is_refused_on_mps(capsys, workspace, monkeypatch):
                       "--compile is not supported on MPS")
 
 
-@pytest.mark.parametrize("content", ["truncated", "text", "empty", "foreign"])
+class Exploit:
+    """Unpickling this runs a shell command: what a checkpoint from a stranger could do to torch.load."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("content", ["truncated at 1%", "truncated at 50%", "truncated at 99%", "one byte short",
+                                     "random bytes", "text", "empty", "foreign state_dict", "code-running pickle",
+                                     "code-running torch.save"])
 def test_bad_checkpoint_files(capsys, workspace, tmp_path, content):
-    path = str(tmp_path / "bad.pt")
+    path, marker = str(tmp_path / "bad.pt"), tmp_path / "exploited"
     good = open(workspace["checkpoint"], "rb").read()
-    if content == "truncated":
-        open(path, "wb").write(good[: len(good) // 2])
+    if content.startswith("truncated"):
+        open(path, "wb").write(good[: len(good) * int(content.split()[-1][:-1]) // 100])
+    elif content == "one byte short":
+        open(path, "wb").write(good[:-1])
+    elif content == "random bytes":
+        open(path, "wb").write(os.urandom(len(good)))
     elif content == "text":
         open(path, "w").write("not a checkpoint\n")
     elif content == "empty":
         open(path, "wb").close()
-    else:  # a plain state_dict, as another tool would save it
+    elif content == "foreign state_dict":  # as another tool would save it
         torch.save(torch.nn.Linear(2, 2).state_dict(), path)
-    for mode in ("sample", "train"):
+    elif content == "code-running pickle":
+        open(path, "wb").write(pickle.dumps({"format": run.FORMAT, "model": Exploit(marker)}))
+    else:  # the same inside torch's zip format
+        torch.save({"format": run.FORMAT, "model": Exploit(marker)}, path)
+    for mode in ("sample", "eval", "train"):
         extra = ["--resume"] if mode == "train" else []
         fails_cleanly(capsys, workspace, args(workspace, "--mode", mode, "--checkpoint", path, *extra), path)
+    assert not marker.exists()  # weights_only=True refused to run the code
 
 
 def test_resume_with_a_different_configuration(capsys, workspace):

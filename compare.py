@@ -17,13 +17,15 @@ import torch
 import figures
 import run
 
-# The seeds' variants, each against the design card's eps / mse / U-Net; all without labels.
+# The seeds' variants, each against the design card's eps / mse / U-Net; all without labels. The default MLP
+# matches the U-Net's parameters; the wide one is wider than the image, so the noise can pass through it.
 VARIANTS = {
     "eps, mse, unet (design card)": [],
     "x0, mse, unet": ["--objective", "x0"],
     "mean, mse, unet": ["--objective", "mean"],
     "eps, l1, unet": ["--loss", "l1"],
     "eps, mse, mlp": ["--arch", "mlp"],
+    "eps, mse, mlp 1024 wide x 4": ["--arch", "mlp", "--width", "1024", "--depth", "4"],
 }
 
 
@@ -48,19 +50,19 @@ def train_and_eval(root, name, train_flags, eval_flags, common):
     ckpt = run.load_checkpoint(result["checkpoint"])
     log = ckpt["log"]
     images = sum(r["images_per_s"] * r["seconds"] for r in log)
-    return {"name": name, "minutes": ckpt["elapsed"] / 60, "steps": ckpt["step"],
+    return {**result, "name": name, "minutes": ckpt["elapsed"] / 60, "train_steps": ckpt["step"],
             "parameters": sum(v.numel() for v in ckpt["model"].values()),
-            "images_per_s": images / sum(r["seconds"] for r in log), **result}
+            "images_per_s": images / sum(r["seconds"] for r in log)}
 
 
 def table(rows):
     head = ("| run | minutes | steps | parameters | train img/s | FID | precision | recall | confident | entropy |\n"
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
-    line = "| {name} | {minutes:.1f} | {steps} | {parameters:,} | {images_per_s:.0f} | {fid:.1f} | {precision:.3f} " \
-           "| {recall:.3f} | {confident:.3f} | {entropy:.3f} |\n"
+    line = ("| {name} | {minutes:.1f} | {train_steps} | {parameters:,} | {images_per_s:.0f} | {fid:.1f} "
+            "| {precision:.3f} | {recall:.3f} | {confident:.3f} | {entropy:.3f} |\n")
     body = "".join(line.format(**{**r, **r["samples"]}) for r in rows)
     floor = rows[0]["real"]
-    return head + body + line.format(name=f"real images, N={rows[0]['n']} (floor)", minutes=0, steps=0,
+    return head + body + line.format(name=f"real images, N={rows[0]['n']} (floor)", minutes=0, train_steps=0,
                                      parameters=0, images_per_s=0, **floor).replace("| 0.0 | 0 | 0 | 0 |", "| | | | |")
 
 
@@ -81,9 +83,16 @@ def main(argv=None):
         eval_flags = ["--n-samples", str(args.n_samples or 1000)]
         rows = [train_and_eval(args.root, f"default, {m:g} min", ["--minutes", f"{m:g}"], eval_flags, common)
                 for m in minutes]
-        fig = figures.fid_curve([(r["minutes"], r["samples"]["fid"]) for r in rows], rows[0]["real"]["fid"],
-                                f"default recipe, unguided samples: FID (N={rows[0]['n']}) against budget")
+        series = {"no label": [(r["minutes"], r["samples"]["fid"]) for r in rows]}
+        if all("guided" in r for r in rows):
+            series[f"digits 0-9 asked, guidance {rows[0]['guidance']:g}"] = [(r["minutes"], r["guided"]["fid"])
+                                                                             for r in rows]
+        fig = figures.fid_curve(series, rows[0]["real"]["fid"],
+                                f"default recipe: FID (N={rows[0]['n']}) against the training budget")
         run.save_figure(fig, os.path.join(args.out_dir, "budgets.png"))
+        rows = [row for r in rows for row in [dict(r, name=f"{r['name']}, no label")] + (
+            [dict(r, name=f"{r['name']}, digits asked, W={r['guidance']:g}", samples=r["guided"])]
+            if "guided" in r else [])]
     else:
         m = float(args.minutes or 4)
         eval_flags = ["--n-samples", str(args.n_samples or 500)]

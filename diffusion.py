@@ -100,13 +100,15 @@ class Diffusion:
         elif self.objective == "x0":
             x0 = out
         elif self.objective == "mean":
-            beta = 1 - ab / ab_prev  # eq. (7): mean = c0 x_0 + ct x_t, solved for x_0
-            c0, ct = beta * ab_prev ** 0.5 / (1 - ab), (1 - ab_prev) * (1 - beta) ** 0.5 / (1 - ab)
+            # The network predicts the mean of x_{t-1} (not of x_{t_prev}): eq. (7), mean = c0 x_0 + ct x_t.
+            ab_before = self._alpha_bar[t - 1] if t > 0 else 1.0
+            beta = 1 - ab / ab_before
+            c0, ct = beta * ab_before ** 0.5 / (1 - ab), (1 - ab_before) * (1 - beta) ** 0.5 / (1 - ab)
             if t_prev == t - 1 and eta == 1:
-                var = beta * (1 - ab_prev) / (1 - ab)
+                var = beta * (1 - ab_before) / (1 - ab)
                 x_prev = out + var ** 0.5 * noise if var > 0 else out
                 return x_prev, ((out - ct * xt) / c0).clamp(-1, 1)
-            x0 = (out - ct * xt) / c0
+            x0 = (out - ct * xt) / c0  # solved for x_0, then the general step below
         else:
             raise ValueError(f"unknown objective {self.objective!r}")
         x0 = x0.clamp(-1, 1)

@@ -71,16 +71,17 @@ def panels(images, titles, nrow=8):
     return fig
 
 
-def fid_curve(points, floor, title):
-    """points [(minutes, FID)] of training runs, with the real-data floor as a line."""
+def fid_curve(series, floor, title):
+    """series {name: [(minutes, FID)]} of training runs, with the real-data floor as a line."""
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
-    ax.plot(*zip(*points), "o-", label="samples")
+    for name, points in series.items():
+        ax.plot(*zip(*points), "o-", label=name)
     ax.axhline(floor, color="gray", ls="--", label="real images (floor)")
     ax.set_xlabel("training minutes")
     ax.set_ylabel("FID")
     ax.set_yscale("log")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

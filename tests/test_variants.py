@@ -1,0 +1,83 @@
+"""The seeds' variants: what the network predicts, the loss, and the MLP network."""
+import pytest
+import torch
+
+import run
+from conftest import TINY
+from diffusion import Diffusion
+from model import MLP, MLPConfig, build_network, count_parameters
+
+
+def true_target(d, x0_true):
+    """The exact predictor of each objective when the data is one known batch x0_true."""
+    def model(xt, t):
+        ab = d._at(d.alpha_bar, t, xt)
+        eps = (xt - ab.sqrt() * x0_true) / (1 - ab).sqrt()
+        return d.target(x0_true, xt, t, eps)
+    return model
+
+
+@pytest.mark.parametrize("objective", ["eps", "x0", "mean"])
+@pytest.mark.parametrize("steps,eta", [(None, 1.0), (10, 0.0), (10, 0.5), (1, 0.0)])
+def test_each_objective_recovers_the_data_from_its_true_target(objective, steps, eta):
+    d = Diffusion(100, objective=objective)
+    x0 = torch.rand(4, 1, 28, 28) * 2 - 1
+    x = d.sample(true_target(d, x0), x0.shape, steps=steps, eta=eta, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(x, x0, atol=1e-3, rtol=0)
+
+
+def test_the_mean_objective_takes_its_own_ddpm_step():
+    d = Diffusion(50, objective="mean")
+    xt, mean, z = torch.randn(3, 3, 1, 28, 28).unbind(0)
+    x_prev, _ = d.step(mean, xt, 20, 19, 1.0, z)  # consecutive steps, eta 1: mu_theta + sigma_t z
+    torch.testing.assert_close(x_prev, mean + d.posterior_var[20].sqrt() * z)
+
+
+@pytest.mark.parametrize("loss", ["mse", "l1"])
+def test_the_loss_compares_the_output_with_the_objectives_target(loss):
+    d = Diffusion(20, objective="x0", loss=loss)
+    x0 = torch.rand(8, 1, 28, 28) * 2 - 1
+    assert d.loss(lambda xt, t: x0, x0).item() == 0  # the perfect x0 predictor
+    zero = d.loss(lambda xt, t: torch.zeros_like(xt), x0).item()
+    expected = x0.pow(2).mean() if loss == "mse" else x0.abs().mean()
+    assert zero == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_the_mlp_has_about_the_unets_parameters_and_sees_the_timestep():
+    mlp = MLP(MLPConfig())
+    assert 2.0e6 < count_parameters(mlp) < 2.6e6
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(2, 1, 28, 28)
+    out = mlp(x, torch.tensor([1, 900]))
+    assert out.shape == x.shape and not torch.allclose(out[0], mlp(x, torch.tensor([900, 900]))[0])
+
+
+@pytest.mark.parametrize("flags", [["--objective", "mean", "--loss", "l1"],
+                                   ["--arch", "mlp", "--width", "32", "--depth", "2", "--objective", "x0"]])
+def test_a_checkpoint_records_and_restores_objective_loss_and_network(tmp_path, mnist_root, flags):
+    tiny = [f for f in TINY]
+    if "mlp" in flags:  # the U-Net's shape flags do not apply to the MLP
+        for flag in ("--channels", "--blocks"):
+            i = tiny.index(flag)
+            del tiny[i:i + 2]
+    ckpt_dir = str(tmp_path / "ckpt")
+    assert run.main(["--mode", "train", "--epochs", "1", "--data-dir", mnist_root, "--ckpt-dir", ckpt_dir,
+                     *tiny, *flags]) == 0
+    path = run.latest_checkpoint(ckpt_dir)
+    ckpt = run.load_checkpoint(path)
+    objective = flags[flags.index("--objective") + 1]
+    assert ckpt["diffusion_config"]["objective"] == objective
+    assert ckpt["diffusion_config"]["loss"] == ("l1" if "l1" in flags else "mse")
+    assert ckpt["model_config"]["arch"] == ("mlp" if "mlp" in flags else "unet")
+    net = build_network(ckpt["model_config"])
+    net.load_state_dict(ckpt["ema"])
+    assert type(net).__name__ == ("MLP" if "mlp" in flags else "UNet")
+    assert Diffusion(**ckpt["diffusion_config"]).objective == objective
+    # Resuming keeps them, and sampling uses them, without being told.
+    assert run.main(["--mode", "train", "--resume", "--epochs", "2", "--data-dir", mnist_root,
+                     "--ckpt-dir", ckpt_dir, "--device", "cpu", "--precision", "fp32"]) == 0
+    assert run.load_checkpoint(run.latest_checkpoint(ckpt_dir))["diffusion_config"]["objective"] == objective
+    assert run.main(["--mode", "sample", "--ckpt-dir", ckpt_dir, "--out-dir", str(tmp_path / "gen"),
+                     "--n-samples", "4", "--steps", "3", "--data-dir", mnist_root, "--device", "cpu",
+                     "--precision", "fp32"]) == 0

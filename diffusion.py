@@ -2,8 +2,9 @@
 
 The network is always an argument (`model(x, t) -> output`), never an attribute, so this object holds
 no trainable state. What the output means is the objective: the noise eps (DDPM's choice, the default),
-the clean image x0, or the posterior mean of x_{t-1}; all three share the sampling loop. References: Ho et al. 2020 (DDPM, arXiv:2006.11239) and Song et al. 2021
-(DDIM, arXiv:2010.02502); equation numbers below are theirs.
+the clean image x0, or the posterior mean of x_{t-1}; all three share the sampling loop.
+References: Ho et al. 2020 (DDPM, arXiv:2006.11239) and Song et al. 2021 (DDIM, arXiv:2010.02502);
+equation numbers below are theirs.
 """
 import torch
 import torch.nn.functional as F

@@ -30,6 +30,16 @@ def timestep_embedding(t, dim):
     return torch.cat([args.sin(), args.cos()], dim=1)  # (B, dim)
 
 
+def label_embedding(num_classes, dim):
+    """One learned vector per label plus one for "no label", or None without labels. Zero at first, so
+    labels start as a no-op rather than as noise swamping the timestep embedding."""
+    if not num_classes:
+        return None
+    emb = nn.Embedding(num_classes + 1, dim)
+    nn.init.zeros_(emb.weight)
+    return emb
+
+
 def add_label(label_emb, temb, y):
     """temb + the embedding of labels y (B,); y=None means "no label" (the last entry)."""
     if label_emb is None:
@@ -71,10 +81,7 @@ class UNet(nn.Module):
         c, g = cfg.channels, cfg.groups
         tdim = 4 * c[0]
         self.time_mlp = nn.Sequential(nn.Linear(c[0], tdim), nn.SiLU(), nn.Linear(tdim, tdim), nn.SiLU())
-        # One learned vector per label plus one for "no label", added to the timestep embedding.
-        self.label_emb = nn.Embedding(cfg.num_classes + 1, tdim) if cfg.num_classes else None
-        if self.label_emb is not None:  # zero: labels start as a no-op, not as noise swamping the timestep
-            nn.init.zeros_(self.label_emb.weight)
+        self.label_emb = label_embedding(cfg.num_classes, tdim)
         self.stem = nn.Conv2d(1, c[0], 3, padding=1)
 
         # Down: blocks at each level, then a strided conv to the next (28 -> 14 -> 7).
@@ -147,9 +154,7 @@ class MLP(nn.Module):
         self.cfg = cfg
         w = cfg.width
         self.time_mlp = nn.Sequential(nn.Linear(128, w), nn.SiLU(), nn.Linear(w, w), nn.SiLU())
-        self.label_emb = nn.Embedding(cfg.num_classes + 1, w) if cfg.num_classes else None
-        if self.label_emb is not None:
-            nn.init.zeros_(self.label_emb.weight)
+        self.label_emb = label_embedding(cfg.num_classes, w)
         self.inp = nn.Linear(28 * 28, w)
         self.blocks = nn.ModuleList(MLPBlock(w) for _ in range(cfg.depth))
         self.out = nn.Sequential(nn.LayerNorm(w), nn.SiLU(), nn.Linear(w, 28 * 28))

@@ -67,34 +67,22 @@ def positive_int(s):
     return v
 
 
-def positive_float(s):
-    try:
-        v = float(s)
-    except ValueError:
-        v = -1.0
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {s!r}")
-    return v
+def number_type(ok, what):
+    """An argparse type: a float that passes ok(v), else an error saying it must be `what`."""
+    def parse(s):
+        try:
+            v = float(s)
+        except ValueError:
+            v = math.nan  # fails every check below
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {s!r}")
+        return v
+    return parse
 
 
-def fraction(s):
-    try:
-        v = float(s)
-    except ValueError:
-        v = -1.0
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"must be a number from 0 up to (not including) 1, got {s!r}")
-    return v
-
-
-def guidance_weight(s):
-    try:
-        v = float(s)
-    except ValueError:
-        v = -1.0
-    if not (0 <= v <= 100):
-        raise argparse.ArgumentTypeError(f"must be a number from 0 to 100 (1 = plain conditional), got {s!r}")
-    return v
+positive_float = number_type(lambda v: v > 0 and math.isfinite(v), "a positive number")
+fraction = number_type(lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1")
+guidance_weight = number_type(lambda v: 0 <= v <= 100, "a number from 0 to 100 (1 = plain conditional)")
 
 
 def int_list(s):
@@ -597,7 +585,11 @@ def train_locked(args, device, amp, ckpt):
     clock = time.time() - elapsed  # elapsed() continues the run's clock across --resume
     elapsed = lambda: time.time() - clock  # noqa: E731
 
+    saved_clock = elapsed()  # the clock in the newest checkpoint
+
     def save():
+        nonlocal saved_clock
+        saved_clock = elapsed()
         bad = [k for k, v in model.state_dict().items() if not torch.isfinite(v).all()]
         if bad:
             raise UserError(f"weights became non-finite ({bad[0]}) at step {step}; not saved, the last good "
@@ -606,7 +598,7 @@ def train_locked(args, device, amp, ckpt):
                  "train_config": cfg, "budget": {"epochs": epochs, "minutes": minutes},
                  "model": model.state_dict(), "ema": ema.module.state_dict(),
                  "ema_updates": int(ema.n_averaged), "optimizer": opt.state_dict(), "epoch": epoch,
-                 "batch": batch, "step": step, "elapsed": elapsed(), "rng": rng_state(device),
+                 "batch": batch, "step": step, "elapsed": saved_clock, "rng": rng_state(device),
                  "history": history, "log": log}
         path = os.path.join(run_dir, f"ckpt_{step:08d}.pt")
         save_checkpoint(state, path)
@@ -633,11 +625,9 @@ def train_locked(args, device, amp, ckpt):
                        desc=f"epoch {epoch + 1}" + (f"/{epochs}" if epochs else ""))
             running, count, epoch_loss, epoch_count, t0 = torch.zeros((), device=device), 0, 0.0, 0, time.time()
             first_bad = torch.zeros((), dtype=torch.long, device=device)  # the first step with a non-finite loss
+            done = progress(step, elapsed())
             try:  # the bar closes before any error is printed, so the error is the last line
-                while batch < n_batches:
-                    done = progress(step, elapsed())
-                    if done >= 1:
-                        break
+                while batch < n_batches and done < 1:
                     idx = order[batch * bs:(batch + 1) * bs]
                     x0 = to_model_range(images[idx])  # (B, 1, 28, 28)
                     y = drop_labels(labels[idx], cfg["label_dropout"], no_label) if cfg["conditional"] else None
@@ -650,7 +640,8 @@ def train_locked(args, device, amp, ckpt):
                     step += 1
                     first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss), step, first_bad)  # no sync
                     bar.update(bs)
-                    if count == log_every or batch == n_batches or stop.requested:
+                    done = progress(step, elapsed())
+                    if count == log_every or batch == n_batches or stop.requested or done >= 1:
                         mean = running.item() / count  # one host sync per log_every steps
                         if not math.isfinite(mean):
                             raise UserError(f"the loss became non-finite at step {first_bad.item()}; stopped without "
@@ -669,15 +660,8 @@ def train_locked(args, device, amp, ckpt):
                 print(f"stopped at epoch {epoch + 1}, batch {batch}/{n_batches} (step {step}); "
                       f"continue with --resume")
                 return 130
-            if batch < n_batches and epoch_count + count == 0:
+            if epoch_count == 0:
                 break  # the budget ended before this epoch's first step
-            if count:  # the budget ran out between two log points
-                mean = running.item() / count
-                if not math.isfinite(mean):
-                    raise UserError(f"the loss became non-finite at step {first_bad.item()}; stopped without "
-                                    f"saving (the last good checkpoint is kept); try a lower --lr")
-                history.append([step, mean])
-                epoch_loss, epoch_count = epoch_loss + mean * count, epoch_count + count
             seconds = time.time() - t0
             row = {"epoch": epoch + 1, "step": step, "loss": epoch_loss / max(epoch_count, 1),
                    "images_per_s": round(epoch_count * bs / seconds, 1), "seconds": round(seconds, 1),
@@ -696,8 +680,8 @@ def train_locked(args, device, amp, ckpt):
                 tqdm.write(f"epoch {epoch}: FID {quick['fid']:.3f}, precision {quick['precision']:.3f}, recall "
                            f"{quick['recall']:.3f}, confident {quick['confident']:.3f} (500 DDIM-20 samples)")
             save()
-        if batch:
-            save()
+        if batch or progress(step, saved_clock) < 1:
+            save()  # the budget ran out inside an epoch or during the last save: the final state and clock
         print(f"done: {epoch + batch / n_batches:.2f} epochs, {step} steps in {elapsed() / 60:.1f} minutes; "
               f"sample with python run.py --mode sample")
         return 0
@@ -760,7 +744,7 @@ def denoiser(model, device, amp):
     eps_u + w (eps_c - eps_u), so w = 1 is plain conditional and w = 0 unconditional. Both branches come
     from one network call on the batch stacked twice.
     """
-    no_label = getattr(getattr(model, "cfg", None), "num_classes", 0)
+    no_label = model.cfg.num_classes  # the "no label" entry (a compiled model passes cfg through)
 
     def denoise(x, t, y=None, w=1.0):
         with autocast(device, amp):
@@ -829,7 +813,7 @@ def sample(args):
         f, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0))
     written = ["sample.png", "process.png", "process.gif"]
     if args.guidance is not None and args.digit is None:
-        # One row per digit, guided; the same seed as the grid, so rerunning gives the same figure.
+        # One row per digit, guided, from a seed derived from --sample-seed: reruns give the same figure.
         per_row = 10
         digits = torch.arange(10).repeat_interleave(per_row)
         rows = generate(denoise, diffusion, len(digits), steps, eta, device, args.sample_seed + 2, labels=digits,

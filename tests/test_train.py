@@ -166,3 +166,25 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(workspace):
     assert not [f for f in os.listdir(run_dir) if ".tmp" in f]
     assert train(workspace, "--resume", "--epochs", str(ckpt["epoch"] + 1)) == 0
     assert run.load_checkpoint(run.latest_checkpoint(ckpt_dir))["epoch"] == ckpt["epoch"] + 1
+
+
+def test_learning_rate_warms_up_then_follows_the_budget():
+    cfg = dict(run.TRAIN_DEFAULTS, lr=1.0, warmup=10)
+    assert run.learning_rate(cfg, 0, 0.0) == 0.1 and run.learning_rate(cfg, 9, 0.0) == 1.0
+    assert run.learning_rate(cfg, 100, 0.5) == pytest.approx(0.5) and run.learning_rate(cfg, 100, 1.0) == 0
+    assert run.learning_rate(dict(cfg, schedule="constant"), 100, 0.9) == 1.0
+
+
+def test_a_minutes_budget_ends_the_run_saves_and_survives_resume(workspace, tmp_path, capsys):
+    ckpt_dir = str(tmp_path / "timed")
+    timed = dict(workspace, ckpt_dir=ckpt_dir)
+    assert train(timed, "--minutes", "0.005", "--epochs", "100000") == 0  # 0.3 s, far short of the epochs
+    first = run.load_checkpoint(run.latest_checkpoint(ckpt_dir))
+    assert first["budget"] == {"epochs": 100000, "minutes": 0.005} and first["elapsed"] >= 0.3
+    assert 0 < first["step"] < 100000 * 4
+    assert train(timed, "--resume") == 2  # the budget is spent; the checkpoint says so
+    assert "has already used its budget" in capsys.readouterr().err
+    assert train(timed, "--resume", "--minutes", "0.01") == 0  # extended: the same run goes on
+    second = run.load_checkpoint(run.latest_checkpoint(ckpt_dir))
+    assert second["elapsed"] >= 0.6 and second["step"] > first["step"] and second["budget"]["minutes"] == 0.01
+    assert len(os.listdir(ckpt_dir)) == 2  # .lock and run_001

@@ -3,6 +3,7 @@ they come to the device's own matmul rate, in fp32 and bf16.
 
     python bench.py                      # prints a table, writes gen/bench.json
     python bench.py --device cpu --repeats 7 --out /tmp/bench.json
+    python bench.py --precision fp32,bf16    # time bf16 even where it is emulated (slow)
 
 Every figure is the median of --repeats timed runs after an untimed warm-up, all in one process.
 """
@@ -17,9 +18,13 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import run
+from ckpt import write_atomic
 from diffusion import Diffusion
+from errors import UserError
+from hardware import bf16_is_faster, pick_device, sync
 from model import UNetConfig, count_parameters
+from sample import denoiser
+from train import DEFAULTS, make_trainable, train_step
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -30,10 +35,10 @@ def timed(fn, device, repeats, warmup=2):
         fn()
     times = []
     for _ in range(repeats):
-        run._sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        run._sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -49,6 +54,21 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
+def pick_precisions(names, device):
+    """The precisions to time: auto skips bf16 where it is not native (there it runs many times slower)."""
+    if names == "auto":
+        bf16 = device.type != "mps" and bf16_is_faster(device)
+        if not bf16:
+            print("bf16 left out: not faster than fp32 on this device (pass --precision fp32,bf16 to time it)")
+        return ["fp32", "bf16"] if bf16 else ["fp32"]
+    chosen = names.split(",")
+    if not chosen or any(n not in PRECISIONS for n in chosen):
+        raise UserError(f"--precision must be auto or a list of {', '.join(PRECISIONS)}, got {names!r}")
+    if "bf16" in chosen and device.type == "mps":
+        raise UserError("bf16 is not offered on MPS; use --precision fp32")
+    return chosen
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
@@ -56,19 +76,22 @@ def main(argv=None):
     p.add_argument("--sample-batch", type=int, default=256, help="sampling batch (default 256)")
     p.add_argument("--steps", type=int, default=10, help="training steps per timed repeat (default 10)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats, median quoted (default 5)")
+    p.add_argument("--precision", default="auto", help="auto (fp32, and bf16 where it is faster: what run.py's "
+                                                        "--precision auto would use), or a list like fp32,bf16")
     p.add_argument("--out", default="gen/bench.json", help="the table as JSON (default gen/bench.json)")
     args = p.parse_args(argv)
     try:
-        device = run.pick_device(args.device)
-    except run.UserError as e:
+        device = pick_device(args.device)
+        precisions = pick_precisions(args.precision, device)
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     torch.manual_seed(0)
-    cfg = dict(run.TRAIN_DEFAULTS)
+    cfg = dict(DEFAULTS)
     model_config = vars(UNetConfig())
     diffusion = Diffusion(cfg["timesteps"])
-    model, ema, opt = run.make_trainable(model_config, cfg, device)
+    model, ema, opt = make_trainable(model_config, cfg, device)
     x0 = torch.rand(args.batch_size, 1, 28, 28, device=device) * 2 - 1
     xs = torch.randn(args.sample_batch, 1, 28, 28, device=device)
     ts = torch.full((args.sample_batch,), 500, device=device)
@@ -82,17 +105,16 @@ def main(argv=None):
     train_flops = count_flops(lambda: diffusion.loss(model, x0).backward()) / args.batch_size
     result["gflop_per_image_train"] = train_flops / 1e9
 
-    for name, amp in PRECISIONS.items():
-        if amp is not None and device.type == "mps":
-            continue  # bf16 is not offered on MPS
+    for name in precisions:
+        amp = PRECISIONS[name]
         peak = matmul_gflops(device, amp or torch.float32, args.repeats)
 
         def train_steps():
             for _ in range(args.steps):
-                run.train_step(diffusion, model, ema, opt, x0, None, device, amp)
+                train_step(diffusion, model, ema, opt, x0, None, device, amp)
 
         train_ips = args.steps * args.batch_size / timed(train_steps, device, args.repeats)
-        denoise = run.denoiser(model, device, amp)
+        denoise = denoiser(model, device, amp)
 
         def sample_step():
             with torch.inference_mode():
@@ -120,7 +142,7 @@ def main(argv=None):
     for label, key, form in rows:
         print(f"{label:<40}" + "".join(f"{form.format(result[n][key]):>10}" for n in names))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    run.write_atomic(args.out, lambda f: f.write((json.dumps(result, indent=1) + "\n").encode()))
+    write_atomic(args.out, lambda f: f.write((json.dumps(result, indent=1) + "\n").encode()))
     print(f"wrote {args.out}")
     return 0
 

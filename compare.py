@@ -15,17 +15,24 @@ import sys
 import torch
 
 import figures
-import run
+from ckpt import latest_checkpoint, load_checkpoint, save_figure
+from diffusion import Diffusion
+from errors import UserError
+from evaluate import evaluate
+from hardware import pick_hardware
+from model import build_network
+from sample import SampleSettings, denoiser, generate
+from train import TrainSettings, train
 
 # The seeds' variants, each against the design card's eps / mse / U-Net; all without labels. The default MLP
 # matches the U-Net's parameters; the wide one is wider than the image, so the noise can pass through it.
 VARIANTS = {
-    "eps, mse, unet (design card)": [],
-    "x0, mse, unet": ["--objective", "x0"],
-    "mean, mse, unet": ["--objective", "mean"],
-    "eps, l1, unet": ["--loss", "l1"],
-    "eps, mse, mlp": ["--arch", "mlp"],
-    "eps, mse, mlp 1024 wide x 4": ["--arch", "mlp", "--width", "1024", "--depth", "4"],
+    "eps, mse, unet (design card)": {},
+    "x0, mse, unet": {"objective": "x0"},
+    "mean, mse, unet": {"objective": "mean"},
+    "eps, l1, unet": {"loss": "l1"},
+    "eps, mse, mlp": {"arch": "mlp"},
+    "eps, mse, mlp 1024 wide x 4": {"arch": "mlp", "width": 1024, "depth": 4},
 }
 
 
@@ -33,21 +40,21 @@ def folder(name):
     return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
 
 
-def train_and_eval(root, name, train_flags, eval_flags, common):
-    """Train ROOT/NAME unless its eval.json exists, and evaluate it; returns a result row."""
+def train_and_eval(root, name, minutes, given, n_samples, data_dir, device, amp):
+    """Train ROOT/NAME for `minutes` with the run settings `given` unless its eval.json exists, and evaluate
+    it; returns a result row."""
     d = os.path.join(root, folder(name))
     report = os.path.join(d, "eval.json")
     if os.path.exists(report):
         print(f"{name}: reusing {report}")
     else:
-        if run.main(["--mode", "train", "--ckpt-dir", d, *train_flags, *common]) != 0:
+        if train(TrainSettings(data_dir=data_dir, ckpt_dir=d, minutes=minutes, device=device, amp=amp), given) != 0:
             sys.exit(f"error: training {name} failed")
-        ckpt = run.latest_checkpoint(d)
         # The classifier cache stays in the default checkpoints/ folder, shared by every run.
-        if run.main(["--mode", "eval", "--checkpoint", ckpt, "--out-dir", d, *eval_flags, *common]) != 0:
-            sys.exit(f"error: evaluating {name} failed")
+        evaluate(SampleSettings(checkpoint=latest_checkpoint(d), out_dir=d, data_dir=data_dir, n_samples=n_samples,
+                                device=device, amp=amp), cache_dir="checkpoints")
     result = json.load(open(report))
-    ckpt = run.load_checkpoint(result["checkpoint"])
+    ckpt = load_checkpoint(result["checkpoint"])
     log = ckpt["log"]
     images = sum(r["images_per_s"] * r["seconds"] for r in log)
     return {**result, "name": name, "minutes": ckpt["elapsed"] / 60, "train_steps": ckpt["step"],
@@ -75,13 +82,18 @@ def main(argv=None):
     p.add_argument("--n-samples", type=int, default=None, help="eval N (default: budgets 1000, variants 500)")
     p.add_argument("--data-dir", default="dataset/mnist")
     args = p.parse_args(argv)
-    common = ["--data-dir", args.data_dir]
-    os.makedirs(args.out_dir, exist_ok=True)
+    try:
+        compare(args.what, args.minutes, args.root, args.out_dir, args.n_samples, args.data_dir)
+    except UserError as e:
+        sys.exit(f"error: {e}")
 
-    if args.what == "budgets":
-        minutes = [float(m) for m in (args.minutes or "5,20,45").split(",")]
-        eval_flags = ["--n-samples", str(args.n_samples or 1000)]
-        rows = [train_and_eval(args.root, f"default, {m:g} min", ["--minutes", f"{m:g}"], eval_flags, common)
+
+def compare(what, minutes, root, out_dir, n_samples, data_dir):
+    device, amp = pick_hardware()
+    os.makedirs(out_dir, exist_ok=True)
+    if what == "budgets":
+        minutes = [float(m) for m in (minutes or "5,20,45").split(",")]
+        rows = [train_and_eval(root, f"default, {m:g} min", m, {}, n_samples or 1000, data_dir, device, amp)
                 for m in minutes]
         series = {"no label": [(r["minutes"], r["samples"]["fid"]) for r in rows]}
         if all("guided" in r for r in rows):
@@ -89,30 +101,29 @@ def main(argv=None):
                                                                              for r in rows]
         fig = figures.fid_curve(series, rows[0]["real"]["fid"],
                                 f"default recipe: FID (N={rows[0]['n']}) against the training budget")
-        run.save_figure(fig, os.path.join(args.out_dir, "budgets.png"))
+        save_figure(fig, os.path.join(out_dir, "budgets.png"))
         rows = [row for r in rows for row in [dict(r, name=f"{r['name']}, no label")] + (
             [dict(r, name=f"{r['name']}, digits asked, W={r['guidance']:g}", samples=r["guided"])]
             if "guided" in r else [])]
     else:
-        m = float(args.minutes or 4)
-        eval_flags = ["--n-samples", str(args.n_samples or 500)]
-        rows = [train_and_eval(args.root, name, ["--minutes", f"{m:g}", "--unconditional", *flags], eval_flags,
-                               common) for name, flags in VARIANTS.items()]
+        m = float(minutes or 4)
+        rows = [train_and_eval(root, name, m, {"conditional": False, **given}, n_samples or 500, data_dir, device,
+                               amp) for name, given in VARIANTS.items()]
         grids = []
         for r in rows:
-            ckpt = run.load_checkpoint(r["checkpoint"])
-            diffusion = run.Diffusion(**ckpt["diffusion_config"])
-            model = run.build_network(ckpt["model_config"])
+            ckpt = load_checkpoint(r["checkpoint"])
+            diffusion = Diffusion(**ckpt["diffusion_config"])
+            model = build_network(ckpt["model_config"])
             model.load_state_dict(ckpt["ema"])
-            denoise = run.denoiser(model.eval(), torch.device("cpu"), None)
-            grids.append(run.generate(denoise, diffusion, 64, 50, 1.0, torch.device("cpu"), seed=0))
-        run.save_figure(figures.panels(grids, [f"{r['name']}\nFID {r['samples']['fid']:.0f}" for r in rows]),
-                        os.path.join(args.out_dir, "variants.png"))
+            denoise = denoiser(model.eval(), torch.device("cpu"), None)
+            grids.append(generate(denoise, diffusion, 64, 50, 1.0, torch.device("cpu"), seed=0))
+        save_figure(figures.panels(grids, [f"{r['name']}\nFID {r['samples']['fid']:.0f}" for r in rows]),
+                    os.path.join(out_dir, "variants.png"))
     text = table(rows)
     print(text)
-    with open(os.path.join(args.out_dir, f"{args.what}.md"), "w") as f:
+    with open(os.path.join(out_dir, f"{what}.md"), "w") as f:
         f.write(text)
-    print(f"wrote {args.out_dir}/{args.what}.md and {args.out_dir}/{args.what}.png")
+    print(f"wrote {out_dir}/{what}.md and {out_dir}/{what}.png")
 
 
 if __name__ == "__main__":

@@ -3,14 +3,24 @@
 Inception-based FID needs weights from the internet and knows little about digits, so the project
 trains its own classifier (once, cached) and measures in its 128-d penultimate layer:
 FID (Heusel et al. 2017), k-NN precision and recall (Kynkaanniemi et al. 2019), the share of samples
-the classifier is confident about, and the entropy of the predicted-digit histogram.
+the classifier is confident about, and the entropy of the predicted-digit histogram. The Judge holds
+the cached classifier and the real data's features; evaluate() is the eval mode.
 """
 import hashlib
+import json
 import math
+import os
+import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
+
+import sample
+from ckpt import make_folder, save_checkpoint, write_atomic
+from data import load_mnist, to_model_range
+from errors import UserError
 
 CLASSIFIER_VERSION = 1  # bump when the classifier or its training changes: cached files then retrain
 
@@ -130,3 +140,95 @@ def table(rows):
                      f"{m['confident']:>11.3f}{m['entropy']:>9.3f}  {' '.join(map(str, m['histogram']))}")
     lines.append(f"(entropy of a perfectly balanced histogram: ln 10 = {math.log(10):.3f})")
     return "\n".join(lines)
+
+
+class Judge:
+    """The cached MNIST classifier and the real-data features every quality figure is measured against."""
+
+    def __init__(self, data_dir, cache_dir, device):
+        self.device = device
+        train_x, train_y = load_mnist(data_dir)
+        test_x, test_y = load_mnist(data_dir, train=False)
+        self.train_x, self.test_x = to_model_range(train_x), to_model_range(test_x)
+        path = os.path.join(cache_dir, "classifier.pt")
+        fingerprint = data_fingerprint(train_x, train_y)
+        self.model = Classifier().to(device)
+        cached = self._cached(path, fingerprint)
+        if cached:
+            self.model.load_state_dict(cached["model"])
+            self.model.eval()
+            self.accuracy = cached["test_accuracy"]
+        else:
+            print(f"training the evaluation classifier on {len(train_x):,} MNIST images (once; cached in {path})")
+            self.model = train_classifier(self.train_x, train_y, device, log=tqdm.write)
+            self.accuracy = accuracy(self.model, self.test_x, test_y, device)
+            print(f"evaluation classifier: test accuracy {self.accuracy:.2%}")
+            make_folder(cache_dir, "--ckpt-dir")
+            save_checkpoint({"format": "mnist-classifier", "version": CLASSIFIER_VERSION, "data": fingerprint,
+                             "test_accuracy": self.accuracy, "model": self.model.state_dict()}, path)
+        self.test_feats, _ = embed(self.model, self.test_x, device)
+        self.test_stats = gaussian_stats(self.test_feats)
+
+    @staticmethod
+    def _cached(path, fingerprint):
+        """The cached classifier if it exists and was trained by this version on this data, else None."""
+        if not os.path.exists(path):
+            return None
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            cached = None
+        if (isinstance(cached, dict) and cached.get("format") == "mnist-classifier"
+                and cached.get("version") == CLASSIFIER_VERSION and cached.get("data") == fingerprint):
+            return cached
+        print(f"{path} was not trained by this version on this data: retraining it")
+        return None
+
+    def __call__(self, images, seed=0):
+        """(metrics, predicted digits (N,)) for images (N, 1, 28, 28) against the test set; precision and
+        recall use N random test images."""
+        n = len(images)
+        ref = torch.randperm(len(self.test_feats), generator=torch.Generator().manual_seed(seed))[:n]
+        feats, probs = embed(self.model, images, self.device)
+        return metrics(feats, probs, self.test_stats, self.test_feats[ref]), probs.argmax(1)
+
+    def floor(self, n, seed=0):
+        """The same metrics for n real training images: what a perfect model would score at this n."""
+        pick = torch.randperm(len(self.train_x), generator=torch.Generator().manual_seed(seed + 1))[:n]
+        return self(self.train_x[pick], seed)[0]
+
+
+def evaluate(s, cache_dir):
+    """The eval mode: score s.n_samples (default 1000) samples of s.checkpoint, and for a labelled run as many
+    guided ones (digits 0-9 in turn), against the real-data floor; prints the table, writes eval.json."""
+    if s.digit is not None:
+        raise UserError("--digit is for --mode sample; eval of a labelled run already asks for every digit")
+    sp = sample.load_sampler(s)
+    judge = Judge(s.data_dir, cache_dir, s.device)
+    n = s.n_samples or 1000
+    t0 = time.time()
+    fake = sp.generate(n, s.seed)
+    seconds = time.time() - t0
+    rows = {"samples": judge(fake, s.seed)[0]}
+    result = {"checkpoint": sp.path, "epoch": sp.ckpt["epoch"], "step": sp.ckpt["step"], "sampler": s.sampler,
+              "steps": sp.steps, "eta": sp.eta, "n": n, "seed": s.seed, "sampling_seconds": round(seconds, 1),
+              "classifier_accuracy": judge.accuracy}
+    if sp.guidance is not None:
+        # A labelled run: also n guided samples, digits 0-9 in turn, and how often each is drawn as asked.
+        asked = torch.arange(n) % 10
+        rows["guided"], drawn = judge(sp.generate(n, s.seed, labels=asked, desc="guided"), s.seed)
+        per_digit = [(drawn[asked == d] == d).double().mean().item() for d in range(10)]
+        result.update(guidance=sp.guidance, as_asked=per_digit)
+    rows["real"] = judge.floor(n, s.seed)
+    print(f"{n} samples in {seconds:.1f} s; classifier test accuracy {judge.accuracy:.2%}; "
+          f"'real' is {n} training images, the floor at this N")
+    print(table(rows))
+    if sp.guidance is not None:
+        print(f"guided (W={sp.guidance:g}) samples classified as the digit asked for: "
+              + " ".join(f"{d}:{a:.1%}" for d, a in enumerate(per_digit)) + f"; worst {min(per_digit):.1%}")
+    result.update(rows)
+    make_folder(s.out_dir, "--out-dir")
+    out = os.path.join(s.out_dir, "eval.json")
+    write_atomic(out, lambda f: f.write((json.dumps(result, indent=1) + "\n").encode()))
+    print(f"wrote {out}")
+    return 0

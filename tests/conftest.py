@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import run
+from ckpt import latest_checkpoint
 
 # A model and schedule small enough that a whole training epoch takes a second.
 TINY = ["--channels", "8,16,32", "--blocks", "1,1,1", "--timesteps", "20", "--batch-size", "16",
@@ -50,7 +51,7 @@ def trained(tmp_path_factory, mnist_root):
                      *TINY]) == 0
     assert run.main(["--mode", "sample", "--data-dir", mnist_root, "--ckpt-dir", ckpt_dir, "--out-dir", out_dir,
                      "--steps", "5", "--device", "cpu", "--precision", "fp32"]) == 0
-    return {"ckpt_dir": ckpt_dir, "out_dir": out_dir, "checkpoint": run.latest_checkpoint(ckpt_dir)}
+    return {"ckpt_dir": ckpt_dir, "out_dir": out_dir, "checkpoint": latest_checkpoint(ckpt_dir)}
 
 
 @pytest.fixture
@@ -60,4 +61,4 @@ def workspace(tmp_path, trained, mnist_root):
     shutil.copytree(trained["ckpt_dir"], ckpt_dir)
     shutil.copytree(trained["out_dir"], out_dir)
     return {"ckpt_dir": ckpt_dir, "out_dir": out_dir, "data_dir": mnist_root,
-            "checkpoint": run.latest_checkpoint(ckpt_dir)}
+            "checkpoint": latest_checkpoint(ckpt_dir)}

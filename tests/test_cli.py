@@ -10,6 +10,7 @@ import torch
 import torchvision
 
 import run
+from ckpt import FORMAT
 from conftest import TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,9 +123,9 @@ def test_bad_checkpoint_files(capsys, workspace, tmp_path, content):
     elif content == "foreign state_dict":  # as another tool would save it
         torch.save(torch.nn.Linear(2, 2).state_dict(), path)
     elif content == "code-running pickle":
-        open(path, "wb").write(pickle.dumps({"format": run.FORMAT, "model": Exploit(marker)}))
+        open(path, "wb").write(pickle.dumps({"format": FORMAT, "model": Exploit(marker)}))
     else:  # the same inside torch's zip format
-        torch.save({"format": run.FORMAT, "model": Exploit(marker)}, path)
+        torch.save({"format": FORMAT, "model": Exploit(marker)}, path)
     for mode in ("sample", "eval", "train"):
         extra = ["--resume"] if mode == "train" else []
         fails_cleanly(capsys, workspace, args(workspace, "--mode", mode, "--checkpoint", path, *extra), path)

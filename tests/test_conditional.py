@@ -6,6 +6,9 @@ import torch
 from PIL import Image
 
 import run
+import sample
+import train as training
+from ckpt import latest_checkpoint, load_checkpoint
 from conftest import TINY
 from diffusion import Diffusion
 from model import UNet, UNetConfig
@@ -26,7 +29,7 @@ def test_the_label_changes_the_output():
     assert not torch.allclose(three, seven, atol=1e-3) and not torch.allclose(three, none, atol=1e-3)
     assert torch.equal(none, net(x, t, torch.tensor([10, 10])))  # no label is the last entry
     d, g = Diffusion(20), lambda: torch.Generator().manual_seed(1)
-    denoise = run.denoiser(net, torch.device("cpu"), None)
+    denoise = sample.denoiser(net, torch.device("cpu"), None)
     images = [d.sample(lambda x, t: denoise(x, t, torch.full((2,), k), 3.0), (2, 1, 28, 28), steps=5, generator=g())
               for k in (3, 7)]
     assert (images[0] - images[1]).abs().max() > 0.05  # same noise, another digit, another image
@@ -36,7 +39,7 @@ def test_guidance_weights_follow_the_documented_convention():
     net, x, t, y = labelled_net(), torch.randn(3, 1, 28, 28), torch.tensor([1, 10, 19]), torch.tensor([0, 4, 9])
     calls = []
     net.register_forward_hook(lambda m, inputs, out: calls.append(inputs[0].shape[0]))
-    denoise = run.denoiser(net, torch.device("cpu"), None)
+    denoise = sample.denoiser(net, torch.device("cpu"), None)
     with torch.no_grad():
         cond, uncond = net(x, t, y), net(x, t)
         calls.clear()
@@ -51,7 +54,7 @@ def test_guidance_weights_follow_the_documented_convention():
 def test_label_dropout_rate():
     y = torch.randint(0, 10, (200_000,))
     for p in (0.0, 0.1, 0.5):
-        dropped = run.drop_labels(y, p, 10)
+        dropped = training.drop_labels(y, p, 10)
         share = (dropped == 10).double().mean().item()
         assert abs(share - p) < 0.005
         kept = dropped != 10
@@ -59,12 +62,12 @@ def test_label_dropout_rate():
 
 
 def record_labels(monkeypatch):
-    seen, real_step = [], run.train_step
+    seen, real_step = [], training.train_step
 
     def step(diffusion, model, ema, opt, x0, y, *rest):
         seen.append(y)
         return real_step(diffusion, model, ema, opt, x0, y, *rest)
-    monkeypatch.setattr(run, "train_step", step)
+    monkeypatch.setattr(training, "train_step", step)
     return seen
 
 
@@ -76,7 +79,7 @@ def test_training_drops_labels_at_the_set_rate(workspace, tmp_path, monkeypatch,
     y = torch.cat(seen)
     assert len(y) == 8 * 64 and 0.4 < (y == 10).double().mean().item() < 0.6
     assert set(y.tolist()) == set(range(11))
-    ckpt = run.load_checkpoint(run.latest_checkpoint(ckpt_dir))
+    ckpt = load_checkpoint(latest_checkpoint(ckpt_dir))
     assert ckpt["model_config"]["num_classes"] == 10 and ckpt["train_config"]["label_dropout"] == 0.5
 
     seen.clear()
@@ -84,7 +87,7 @@ def test_training_drops_labels_at_the_set_rate(workspace, tmp_path, monkeypatch,
     assert run.main(["--mode", "train", "--epochs", "1", "--unconditional", "--data-dir", mnist_root,
                      "--ckpt-dir", ckpt_dir, *TINY]) == 0
     assert seen == [None] * 4
-    ckpt = run.load_checkpoint(run.latest_checkpoint(ckpt_dir))
+    ckpt = load_checkpoint(latest_checkpoint(ckpt_dir))
     assert ckpt["model_config"]["num_classes"] == 0 and ckpt["train_config"]["conditional"] is False
     assert not any(k.startswith("label_emb") for k in ckpt["model"])
 
@@ -104,7 +107,7 @@ def unlabelled(tmp_path_factory, mnist_root):
     ckpt_dir = str(tmp_path_factory.mktemp("unlabelled"))
     assert run.main(["--mode", "train", "--epochs", "1", "--unconditional", "--data-dir", mnist_root,
                      "--ckpt-dir", ckpt_dir, *TINY]) == 0
-    return run.latest_checkpoint(ckpt_dir)
+    return latest_checkpoint(ckpt_dir)
 
 
 @pytest.mark.parametrize("argv, expect", [

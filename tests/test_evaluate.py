@@ -8,6 +8,8 @@ import torch
 
 import evaluate
 import run
+import sample
+from ckpt import latest_checkpoint, load_checkpoint
 from conftest import make_mnist
 
 
@@ -56,9 +58,8 @@ def test_class_statistics():
 @pytest.fixture(scope="module")
 def judge(tmp_path_factory):
     root = make_mnist(str(tmp_path_factory.mktemp("judge-mnist")), n_train=2560, n_test=500)
-    args = run.build_parser().parse_args(["--mode", "eval", "--data-dir", root,
-                                          "--ckpt-dir", str(tmp_path_factory.mktemp("judge-ckpt"))])
-    return run.Judge(args, torch.device("cpu")), args
+    cache = str(tmp_path_factory.mktemp("judge-ckpt"))
+    return evaluate.Judge(root, cache, torch.device("cpu")), (root, cache)
 
 
 def test_real_images_score_far_better_than_noise(judge):
@@ -72,20 +73,20 @@ def test_real_images_score_far_better_than_noise(judge):
 
 
 def test_cached_classifier_is_reused_only_when_it_matches(judge, monkeypatch, capsys):
-    judge, args = judge
-    path = os.path.join(args.ckpt_dir, "classifier.pt")
+    judge, (root, cache) = judge
+    path = os.path.join(cache, "classifier.pt")
     assert os.path.exists(path)
 
     trained = []
     real_train = evaluate.train_classifier
     monkeypatch.setattr(evaluate, "train_classifier", lambda *a, **k: trained.append(1) or real_train(*a, **k))
-    run.Judge(args, torch.device("cpu"))
+    evaluate.Judge(root, cache, torch.device("cpu"))
     assert trained == []  # same version, same data: the cache is used
 
     cached = torch.load(path, weights_only=True)
     for stale in (dict(cached, data="0" * 64), dict(cached, version=-1), "garbage"):
         torch.save(stale, path)
-        run.Judge(args, torch.device("cpu"))
+        evaluate.Judge(root, cache, torch.device("cpu"))
         assert "retraining" in capsys.readouterr().out
     assert len(trained) == 3
     assert torch.load(path, weights_only=True)["data"] == cached["data"]  # rewritten with the right provenance
@@ -101,12 +102,12 @@ def test_eval_mode_writes_a_report(workspace):
     for row in ("samples", "guided", "real"):  # the tiny run is labelled: guided samples too
         assert set(report[row]) >= {"fid", "precision", "recall", "confident", "entropy", "histogram"}
         assert sum(report[row]["histogram"]) == 40
-    assert report["guidance"] == run.DEFAULT_GUIDANCE and len(report["as_asked"]) == 10
+    assert report["guidance"] == sample.DEFAULT_GUIDANCE and len(report["as_asked"]) == 10
 
 
 def test_eval_every_adds_quality_to_the_training_log(workspace):
     from conftest import TINY
     assert run.main(["--mode", "train", "--resume", "--epochs", "2", "--eval-every", "1",
                      "--data-dir", workspace["data_dir"], "--ckpt-dir", workspace["ckpt_dir"], *TINY]) == 0
-    log = run.load_checkpoint(run.latest_checkpoint(workspace["ckpt_dir"]))["log"]
+    log = load_checkpoint(latest_checkpoint(workspace["ckpt_dir"]))["log"]
     assert "fid" not in log[0] and log[1]["fid"] > 0 and 0 <= log[1]["confident"] <= 1

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 import run
+import train as training
+from ckpt import latest_checkpoint, load_checkpoint
 from conftest import TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,6 +30,7 @@ import io, os, signal, sys, time
 sys.path.insert(0, sys.argv[1])
 import torch
 import run
+import train as training
 
 point, nth, argv = sys.argv[2], int(sys.argv[3]), sys.argv[4:]
 seen = [0]
@@ -37,9 +40,9 @@ def reached():
     if seen[0] == nth:
         os.kill(os.getpid(), signal.SIGKILL)
 
-real_save, real_fsync, real_replace, real_step = torch.save, os.fsync, os.replace, run.train_step
+real_save, real_fsync, real_replace, real_step = torch.save, os.fsync, os.replace, training.train_step
 if point == "step":
-    run.train_step = lambda *a: (reached(), real_step(*a))[1]
+    training.train_step = lambda *a: (reached(), real_step(*a))[1]
 elif point == "write":
     def save(obj, f):
         buffer = io.BytesIO()
@@ -57,11 +60,11 @@ elif point == "rename":
 elif point == "renamed":
     os.replace = lambda a, b: (real_replace(a, b), reached())[0]
 elif point == "slowsave":
-    interrupted, real_call = [], run.StopFlag.__call__
+    interrupted, real_call = [], training.StopFlag.__call__
     def call(self, signum, frame):
         interrupted.append(signum)
         return real_call(self, signum, frame)
-    run.StopFlag.__call__ = call
+    training.StopFlag.__call__ = call
     def save(obj, f):
         if interrupted:
             print("SAVING", flush=True)
@@ -115,14 +118,14 @@ def test_sigkill_leaves_a_loadable_checkpoint_and_resume_finishes(tmp_path, mnis
     # Killed: only the killed process's own hidden temporary files may be left, never a partial checkpoint.
     assert all(os.path.basename(f).startswith(".") and ".tmp" in f for f in leftovers(ckpt_dir))
     if checkpoints:
-        newest = run.load_checkpoint(run.latest_checkpoint(ckpt_dir))  # loadable, and the newest step
+        newest = load_checkpoint(latest_checkpoint(ckpt_dir))  # loadable, and the newest step
         assert newest["step"] == max(int(os.path.basename(c)[5:-3]) for c in checkpoints)
         assert all(torch.isfinite(v).all() for v in newest["model"].values())
         # Killed after the final checkpoint was in place, the run is complete and --resume says so.
         assert run.main(train_argv(mnist_root, ckpt_dir, "--resume")) == (2 if newest["step"] == 16 else 0)
     else:  # killed before the first checkpoint: nothing to resume, a new run starts over
         assert run.main(train_argv(mnist_root, ckpt_dir, "--epochs", "4")) == 0
-    final = run.load_checkpoint(run.latest_checkpoint(ckpt_dir))
+    final = load_checkpoint(latest_checkpoint(ckpt_dir))
     assert final["step"] == 16 and final["epoch"] == 4
     assert leftovers(ckpt_dir) == []  # the next training cleaned up after the killed one
     assert len(glob.glob(os.path.join(ckpt_dir, "run_*"))) == 1
@@ -139,14 +142,14 @@ def test_second_ctrl_c_during_the_save_aborts_at_once_and_keeps_the_previous_che
     for line in p.stdout:
         if line.startswith("SAVING"):
             break
-    previous = run.latest_checkpoint(ckpt_dir)
+    previous = latest_checkpoint(ckpt_dir)
     digest = hashlib.sha256(open(previous, "rb").read()).hexdigest()
     t0 = time.time()
     p.send_signal(signal.SIGINT)  # second Ctrl-C, in the middle of that save
     assert p.wait(timeout=30) == 130 and time.time() - t0 < 10  # at once: not after the 60 s stall
-    assert run.latest_checkpoint(ckpt_dir) == previous
+    assert latest_checkpoint(ckpt_dir) == previous
     assert hashlib.sha256(open(previous, "rb").read()).hexdigest() == digest
-    run.load_checkpoint(previous)
+    load_checkpoint(previous)
     assert leftovers(ckpt_dir) == []  # the aborted write removed its temporary file
 
 
@@ -166,12 +169,12 @@ def test_a_second_training_into_the_same_folder_is_refused(tmp_path, mnist_root,
     finally:
         p.send_signal(signal.SIGKILL)  # the lock dies with its holder, however it ends
         p.wait()
-    epoch = run.load_checkpoint(run.latest_checkpoint(ckpt_dir))["epoch"]
+    epoch = load_checkpoint(latest_checkpoint(ckpt_dir))["epoch"]
     assert run.main(train_argv(mnist_root, ckpt_dir, "--resume", "--epochs", str(epoch + 1))) == 0
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(workspace, monkeypatch, capsys):
-    real_step, steps = run.train_step, []
+    real_step, steps = training.train_step, []
 
     def diverging_step(diffusion, model, ema, opt, *rest):
         loss = real_step(diffusion, model, ema, opt, *rest)
@@ -183,17 +186,17 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
             return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(run, "train_step", diverging_step)
-    before = run.latest_checkpoint(workspace["ckpt_dir"])
+    monkeypatch.setattr(training, "train_step", diverging_step)
+    before = latest_checkpoint(workspace["ckpt_dir"])
     assert run.main(train_argv(workspace["data_dir"], workspace["ckpt_dir"], "--resume", "--epochs", "3")) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
         "error: the loss became non-finite at step 6; stopped without saving")
-    assert run.latest_checkpoint(workspace["ckpt_dir"]) == before
-    assert all(torch.isfinite(v).all() for v in run.load_checkpoint(before)["model"].values())
+    assert latest_checkpoint(workspace["ckpt_dir"]) == before
+    assert all(torch.isfinite(v).all() for v in load_checkpoint(before)["model"].values())
 
 
 def test_non_finite_weights_are_never_saved(workspace, monkeypatch, capsys):
-    real_step, calls = run.train_step, []
+    real_step, calls = training.train_step, []
 
     def corrupting_step(diffusion, model, ema, opt, *rest):  # step 8, the epoch's last: a finite loss, but
         loss = real_step(diffusion, model, ema, opt, *rest)  # then a weight goes bad before the save
@@ -203,12 +206,12 @@ def test_non_finite_weights_are_never_saved(workspace, monkeypatch, capsys):
                 next(model.parameters()).view(-1)[0] = float("inf")
         return loss
 
-    monkeypatch.setattr(run, "train_step", corrupting_step)
-    before = run.latest_checkpoint(workspace["ckpt_dir"])
+    monkeypatch.setattr(training, "train_step", corrupting_step)
+    before = latest_checkpoint(workspace["ckpt_dir"])
     assert run.main(train_argv(workspace["data_dir"], workspace["ckpt_dir"], "--resume", "--epochs", "2")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: weights became non-finite") and "at step 8; not saved" in err
-    assert run.latest_checkpoint(workspace["ckpt_dir"]) == before
+    assert latest_checkpoint(workspace["ckpt_dir"]) == before
 
 
 def test_keep_prunes_to_the_newest_epochs_plus_the_last(tmp_path, mnist_root, monkeypatch):
@@ -217,7 +220,7 @@ def test_keep_prunes_to_the_newest_epochs_plus_the_last(tmp_path, mnist_root, mo
                            glob.glob(os.path.join(ckpt_dir, "run_*", "ckpt_*.pt")))
     assert run.main(train_argv(mnist_root, ckpt_dir, "--epochs", "5", "--keep", "2")) == 0
     assert steps() == [16, 20]
-    real_step, count = run.train_step, []
+    real_step, count = training.train_step, []
 
     def interrupting_step(*a):  # Ctrl-C at the run's step 26, mid-epoch
         count.append(1)
@@ -225,7 +228,7 @@ def test_keep_prunes_to_the_newest_epochs_plus_the_last(tmp_path, mnist_root, mo
             os.kill(os.getpid(), signal.SIGINT)
         return real_step(*a)
 
-    monkeypatch.setattr(run, "train_step", interrupting_step)
+    monkeypatch.setattr(training, "train_step", interrupting_step)
     assert run.main(train_argv(mnist_root, ckpt_dir, "--resume", "--epochs", "8", "--keep", "2")) == 130
     assert steps() == [20, 24, 26]  # two end-of-epoch checkpoints and the final, mid-epoch one
 
@@ -239,12 +242,12 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(workspace, monkey
         f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    before = run.latest_checkpoint(workspace["ckpt_dir"])
+    before = latest_checkpoint(workspace["ckpt_dir"])
     digest = hashlib.sha256(open(before, "rb").read()).hexdigest()
     monkeypatch.setattr(torch, "save", full_disk)
     assert run.main(train_argv(workspace["data_dir"], workspace["ckpt_dir"], "--resume", "--epochs", "2")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: could not write ") and "ckpt_00000008.pt (No space left on device)" in err
-    assert run.latest_checkpoint(workspace["ckpt_dir"]) == before
+    assert latest_checkpoint(workspace["ckpt_dir"]) == before
     assert hashlib.sha256(open(before, "rb").read()).hexdigest() == digest
     assert leftovers(workspace["ckpt_dir"]) == []

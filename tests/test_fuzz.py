@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import run
+import train as training
 from conftest import make_mnist
 
 # Each flag with good, borderline and bad values. CKPT, DATA, ... stand for paths in the test's folder.
@@ -68,7 +69,7 @@ def test_no_argument_list_gets_a_traceback(argv, tmp_path_factory, monkeypatch, 
     # A tiny network by default, so whatever trains or samples finishes in a moment.
     for key, value in dict(channels=(8, 16, 32), blocks=(1, 1, 1), timesteps=20, batch_size=16, width=32,
                            depth=1).items():
-        monkeypatch.setitem(run.TRAIN_DEFAULTS, key, value)
+        monkeypatch.setitem(training.DEFAULTS, key, value)
     shutil.copytree(trained["ckpt_dir"], root / "ckpt")  # a labelled tiny run of its own, free to change
     checkpoint = str(root / "ckpt" / os.path.relpath(trained["checkpoint"], trained["ckpt_dir"]))
     paths = {"CKPT": checkpoint, "DATA": data, "CKPTDIR": str(root / "ckpt"), "OUT": str(root / "out")}

@@ -1,7 +1,7 @@
 """The U-Net: shapes, size, and that it listens to its timestep."""
 import torch
 
-import run
+from ckpt import FORMAT, load_checkpoint, save_checkpoint
 from model import UNet, UNetConfig, build_network, count_parameters
 
 
@@ -33,8 +33,8 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.1)
     path = str(tmp_path / "ckpt.pt")
-    run.save_checkpoint({"format": run.FORMAT, "model_config": vars(cfg), "ema": model.state_dict()}, path)
-    ckpt = run.load_checkpoint(path)
+    save_checkpoint({"format": FORMAT, "model_config": vars(cfg), "ema": model.state_dict()}, path)
+    ckpt = load_checkpoint(path)
     rebuilt = build_network(ckpt["model_config"])
     rebuilt.load_state_dict(ckpt["ema"])
     x, t = torch.randn(3, 1, 28, 28), torch.tensor([0, 10, 999])

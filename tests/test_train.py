@@ -1,14 +1,18 @@
-"""Training and sampling end to end on synthetic MNIST: loss, checkpoints, resume, figures."""
+"""Training on synthetic MNIST: the loss, checkpoints, resume, budgets, Ctrl-C, through train.py and the CLI."""
+import argparse
+import dataclasses
 import json
 import os
 import signal
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import data
 import run
+import train as training
+from ckpt import latest_checkpoint, load_checkpoint
 from conftest import TINY
 from diffusion import Diffusion
 from model import UNet, UNetConfig
@@ -16,7 +20,7 @@ from model import UNet, UNetConfig
 
 def test_loss_falls_when_overfitting_a_handful_of_images(mnist_root):
     torch.manual_seed(0)
-    x0 = run.to_model_range(run.load_mnist(mnist_root)[0][:8])
+    x0 = data.to_model_range(data.load_mnist(mnist_root)[0][:8])
     d, model = Diffusion(100), UNet(UNetConfig(channels=(8, 16, 32), blocks=(1, 1, 1)))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
@@ -34,8 +38,27 @@ def test_loss_falls_when_overfitting_a_handful_of_images(mnist_root):
     assert held_out_loss() < 0.5 * before
 
 
+def test_the_trainer_runs_without_a_command_line(mnist_root, tmp_path, monkeypatch):
+    """train.train with plain settings, as a notebook, bench.py or compare.py would call it: no parser is built."""
+    def no_parser(*a, **k):
+        raise AssertionError("an argument parser was built")
+    monkeypatch.setattr(argparse.ArgumentParser, "__init__", no_parser)
+    settings = training.TrainSettings(data_dir=mnist_root, ckpt_dir=str(tmp_path), epochs=2)
+    given = dict(channels=(8, 16, 32), blocks=(1, 1, 1), timesteps=20, batch_size=16, objective="x0")
+    assert training.train(settings, given) == 0
+    ckpt = load_checkpoint(latest_checkpoint(str(tmp_path)))
+    assert (ckpt["epoch"], ckpt["step"]) == (2, 8)  # 64 images in batches of 16
+    assert ckpt["train_config"] == {**training.DEFAULTS, **given}
+    assert ckpt["diffusion_config"]["objective"] == "x0" and ckpt["model_config"]["channels"] == (8, 16, 32)
+    assert ckpt["history"][-1][1] < ckpt["history"][0][1]  # the loss fell
+    # Resumed the same way: the settings not given come from the checkpoint.
+    assert training.train(dataclasses.replace(settings, resume=latest_checkpoint(str(tmp_path)), epochs=3)) == 0
+    ckpt = load_checkpoint(latest_checkpoint(str(tmp_path)))
+    assert ckpt["step"] == 12 and ckpt["train_config"]["objective"] == "x0"
+
+
 def test_one_epoch_writes_a_complete_checkpoint_and_log(trained):
-    ckpt = run.load_checkpoint(trained["checkpoint"])
+    ckpt = load_checkpoint(trained["checkpoint"])
     assert ckpt["epoch"] == 1 and ckpt["step"] == 4 and ckpt["batch"] == 0  # 64 images / 16
     assert ckpt["model_config"] == {"arch": "unet", "channels": (8, 16, 32), "blocks": (1, 1, 1), "groups": 8,
                                    "num_classes": 10}
@@ -48,29 +71,6 @@ def test_one_epoch_writes_a_complete_checkpoint_and_log(trained):
     assert sorted(os.listdir(run_dir)) == ["ckpt_00000004.pt", "log.jsonl", "loss.png"]
 
 
-def test_sample_writes_every_figure_with_the_right_size(trained):
-    out = trained["out_dir"]
-    assert sorted(os.listdir(out)) == ["digits.png", "forward.png", "process.gif", "process.png", "sample.png"]
-    assert Image.open(os.path.join(out, "sample.png")).size == (482, 482)  # 16 x 16 grid, padding 2
-    gif = Image.open(os.path.join(out, "process.gif"))
-    # 8 x 8 grid; up to noise + 5 DDIM steps (GIF merges frames that quantize identically)
-    assert gif.size == (242, 242) and 2 <= gif.n_frames <= 6
-    for name in ("process.png", "forward.png"):
-        image = Image.open(os.path.join(out, name))
-        assert image.format == "PNG" and min(image.size) > 300
-
-
-def test_same_seed_same_images_and_another_seed_differs(workspace, tmp_path):
-    images = []
-    for seed, name in ((7, "a"), (7, "b"), (8, "c")):
-        out = str(tmp_path / name)
-        assert run.main(["--mode", "sample", "--checkpoint", workspace["checkpoint"], "--out-dir", out,
-                         "--n-samples", "4", "--steps", "3", "--sample-seed", str(seed),
-                         "--data-dir", workspace["data_dir"], "--device", "cpu", "--precision", "fp32"]) == 0
-        images.append(torch.from_numpy(np.array(Image.open(os.path.join(out, "sample.png")))))
-    assert torch.equal(images[0], images[1]) and not torch.equal(images[0], images[2])
-
-
 def train(workspace, *extra):
     return run.main(["--mode", "train", "--data-dir", workspace["data_dir"], "--ckpt-dir", workspace["ckpt_dir"],
                      *TINY, *extra])
@@ -78,8 +78,8 @@ def train(workspace, *extra):
 
 def test_resume_continues_the_step_count_in_the_same_run(workspace):
     assert train(workspace, "--resume", "--epochs", "2") == 0
-    newest = run.latest_checkpoint(workspace["ckpt_dir"])
-    ckpt = run.load_checkpoint(newest)
+    newest = latest_checkpoint(workspace["ckpt_dir"])
+    ckpt = load_checkpoint(newest)
     assert os.path.dirname(newest) == os.path.dirname(workspace["checkpoint"])
     assert (ckpt["epoch"], ckpt["step"]) == (2, 8)
     assert [r["epoch"] for r in ckpt["log"]] == [1, 2]
@@ -88,7 +88,7 @@ def test_resume_continues_the_step_count_in_the_same_run(workspace):
 def test_resume_is_exact(workspace, tmp_path, monkeypatch):
     """Eight steps straight, or six, a Ctrl-C, a resume and two more: bit-identical weights, EMA, optimizer
     state and the same batches in the same order (the lr schedule spans the whole budget in both)."""
-    seen, real_step = [], run.train_step
+    seen, real_step = [], training.train_step
 
     def recording_step(diffusion, model, ema, opt, x0, *rest):
         seen.append(x0.clone())
@@ -96,18 +96,18 @@ def test_resume_is_exact(workspace, tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, caught by the trainer's handler
         return real_step(diffusion, model, ema, opt, x0, *rest)
 
-    monkeypatch.setattr(run, "train_step", recording_step)
+    monkeypatch.setattr(training, "train_step", recording_step)
     interrupt_at, straight = None, dict(workspace, ckpt_dir=str(tmp_path / "straight"))
     assert train(straight, "--epochs", "2") == 0
     batches_straight, seen[:] = list(seen), []
     interrupt_at, parts = 6, dict(workspace, ckpt_dir=str(tmp_path / "parts"))
     assert train(parts, "--epochs", "2") == 130
-    assert run.load_checkpoint(run.latest_checkpoint(parts["ckpt_dir"]))["step"] == 6
+    assert load_checkpoint(latest_checkpoint(parts["ckpt_dir"]))["step"] == 6
     interrupt_at = None
     assert train(parts, "--resume") == 0
     assert len(seen) == 8 and all(torch.equal(a, b) for a, b in zip(batches_straight, seen))
-    a = run.load_checkpoint(run.latest_checkpoint(straight["ckpt_dir"]))
-    b = run.load_checkpoint(run.latest_checkpoint(parts["ckpt_dir"]))
+    a = load_checkpoint(latest_checkpoint(straight["ckpt_dir"]))
+    b = load_checkpoint(latest_checkpoint(parts["ckpt_dir"]))
     assert a["step"] == b["step"] == 8
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
@@ -121,25 +121,6 @@ def test_a_new_run_never_touches_an_earlier_one(workspace):
     before = sorted(os.listdir(workspace["ckpt_dir"]))
     assert train(workspace, "--epochs", "1") == 0
     assert sorted(os.listdir(workspace["ckpt_dir"])) == sorted(before + ["run_002"])
-
-
-@pytest.mark.parametrize("cuda,mps,expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
-def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
-    assert run.pick_device("auto").type == expected
-    if cuda:
-        assert run.pick_device("cuda").type == "cuda"
-
-
-def test_precision_choice(monkeypatch):
-    cpu = torch.device("cpu")
-    assert run.pick_precision("fp32", cpu) is None
-    assert run.pick_precision("bf16", cpu) is torch.bfloat16
-    for faster in (True, False):  # auto follows the measurement
-        monkeypatch.setattr(run, "bf16_is_faster", lambda device: faster)
-        assert run.pick_precision("auto", cpu) is (torch.bfloat16 if faster else None)
-        assert run.pick_precision("auto", torch.device("mps")) is None  # fp32 only on MPS, whatever it measures
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(workspace):
@@ -161,30 +142,30 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(workspace):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "continue with --resume" in out
-    ckpt = run.load_checkpoint(run.latest_checkpoint(ckpt_dir))
+    ckpt = load_checkpoint(latest_checkpoint(ckpt_dir))
     assert ckpt["step"] >= 8
     assert not [f for f in os.listdir(run_dir) if ".tmp" in f]
     assert train(workspace, "--resume", "--epochs", str(ckpt["epoch"] + 1)) == 0
-    assert run.load_checkpoint(run.latest_checkpoint(ckpt_dir))["epoch"] == ckpt["epoch"] + 1
+    assert load_checkpoint(latest_checkpoint(ckpt_dir))["epoch"] == ckpt["epoch"] + 1
 
 
 def test_learning_rate_warms_up_then_follows_the_budget():
-    cfg = dict(run.TRAIN_DEFAULTS, lr=1.0, warmup=10)
-    assert run.learning_rate(cfg, 0, 0.0) == 0.1 and run.learning_rate(cfg, 9, 0.0) == 1.0
-    assert run.learning_rate(cfg, 100, 0.5) == pytest.approx(0.5) and run.learning_rate(cfg, 100, 1.0) == 0
-    assert run.learning_rate(dict(cfg, schedule="constant"), 100, 0.9) == 1.0
+    cfg = dict(training.DEFAULTS, lr=1.0, warmup=10)
+    assert training.learning_rate(cfg, 0, 0.0) == 0.1 and training.learning_rate(cfg, 9, 0.0) == 1.0
+    assert training.learning_rate(cfg, 100, 0.5) == pytest.approx(0.5) and training.learning_rate(cfg, 100, 1.0) == 0
+    assert training.learning_rate(dict(cfg, schedule="constant"), 100, 0.9) == 1.0
 
 
 def test_a_minutes_budget_ends_the_run_saves_and_survives_resume(workspace, tmp_path, capsys):
     ckpt_dir = str(tmp_path / "timed")
     timed = dict(workspace, ckpt_dir=ckpt_dir)
     assert train(timed, "--minutes", "0.005", "--epochs", "100000") == 0  # 0.3 s, far short of the epochs
-    first = run.load_checkpoint(run.latest_checkpoint(ckpt_dir))
+    first = load_checkpoint(latest_checkpoint(ckpt_dir))
     assert first["budget"] == {"epochs": 100000, "minutes": 0.005} and first["elapsed"] >= 0.3
     assert 0 < first["step"] < 100000 * 4
     assert train(timed, "--resume") == 2  # the budget is spent; the checkpoint says so
     assert "has already used its budget" in capsys.readouterr().err
     assert train(timed, "--resume", "--minutes", "0.01") == 0  # extended: the same run goes on
-    second = run.load_checkpoint(run.latest_checkpoint(ckpt_dir))
+    second = load_checkpoint(latest_checkpoint(ckpt_dir))
     assert second["elapsed"] >= 0.6 and second["step"] > first["step"] and second["budget"]["minutes"] == 0.01
     assert len(os.listdir(ckpt_dir)) == 2  # .lock and run_001

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import run
+from ckpt import latest_checkpoint, load_checkpoint
 from conftest import TINY
 from diffusion import Diffusion
 from model import MLP, MLPConfig, build_network, count_parameters
@@ -64,8 +65,8 @@ def test_a_checkpoint_records_and_restores_objective_loss_and_network(tmp_path, 
     ckpt_dir = str(tmp_path / "ckpt")
     assert run.main(["--mode", "train", "--epochs", "1", "--data-dir", mnist_root, "--ckpt-dir", ckpt_dir,
                      *tiny, *flags]) == 0
-    path = run.latest_checkpoint(ckpt_dir)
-    ckpt = run.load_checkpoint(path)
+    path = latest_checkpoint(ckpt_dir)
+    ckpt = load_checkpoint(path)
     objective = flags[flags.index("--objective") + 1]
     assert ckpt["diffusion_config"]["objective"] == objective
     assert ckpt["diffusion_config"]["loss"] == ("l1" if "l1" in flags else "mse")
@@ -77,7 +78,7 @@ def test_a_checkpoint_records_and_restores_objective_loss_and_network(tmp_path, 
     # Resuming keeps them, and sampling uses them, without being told.
     assert run.main(["--mode", "train", "--resume", "--epochs", "2", "--data-dir", mnist_root,
                      "--ckpt-dir", ckpt_dir, "--device", "cpu", "--precision", "fp32"]) == 0
-    assert run.load_checkpoint(run.latest_checkpoint(ckpt_dir))["diffusion_config"]["objective"] == objective
+    assert load_checkpoint(latest_checkpoint(ckpt_dir))["diffusion_config"]["objective"] == objective
     assert run.main(["--mode", "sample", "--ckpt-dir", ckpt_dir, "--out-dir", str(tmp_path / "gen"),
                      "--n-samples", "4", "--steps", "3", "--data-dir", mnist_root, "--device", "cpu",
                      "--precision", "fp32"]) == 0

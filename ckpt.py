@@ -1,0 +1,175 @@
+"""The checkpoint store: atomic writes, run folders, the training lock, pruning, save and load, and
+reconciling a checkpoint's settings with the ones asked for on resume.
+
+Every file goes through a hidden temporary file, an fsync and an atomic rename, so a process killed at
+any moment leaves either the previous file or the new one, never a partial one.
+"""
+import contextlib
+import glob
+import os
+
+import torch
+
+import figures
+from errors import UserError
+
+FORMAT = "mnist-ddpm/1"  # written into every checkpoint, checked on load
+# Settings added after the first checkpoints, with what those earlier runs trained with.
+ADDED_SETTINGS = dict(conditional=False, label_dropout=0.0, schedule="constant", arch="unet", objective="eps",
+                      loss="mse")
+
+
+def write_atomic(path, write):
+    """write(f) into a temporary file beside path, then rename it over path: never a partial file.
+
+    A process killed mid-write (SIGKILL) leaves its hidden temporary file; clean_temporary removes those.
+    """
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"could not write {path} ({e.strerror or e}); the previous file is untouched") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def save_figure(fig, path):
+    """A matplotlib figure as a PNG, written atomically, then closed."""
+    write_atomic(path, lambda f: fig.savefig(f, format="png"))
+    figures.plt.close(fig)
+
+
+def make_folder(path, flag):
+    """os.makedirs(path), or a one-line error naming the flag that chose the folder."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the folder {path} ({e.strerror or e}); pass another {flag}") from None
+
+
+def clean_temporary(folder):
+    """Remove the temporary files of writes that were killed (call while holding the folder's lock)."""
+    for path in glob.glob(os.path.join(folder, ".*.tmp*")):
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
+@contextlib.contextmanager
+def training_lock(ckpt_dir):
+    """Hold ckpt_dir/.lock for the whole training: a second training into the same folder is refused.
+    The operating system drops the lock when the process ends, however it ends (even SIGKILL)."""
+    make_folder(ckpt_dir, "--ckpt-dir")
+    path = os.path.join(ckpt_dir, ".lock")
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here; training works, unguarded
+        yield
+        return
+    try:
+        f = open(path, "a+")
+    except OSError as e:
+        raise UserError(f"cannot write into {ckpt_dir} ({e.strerror}); pick another --ckpt-dir") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            owner = f.read().strip() or "unknown"
+            raise UserError(f"another training (pid {owner}) is writing into {ckpt_dir}; wait for it to finish "
+                            f"or pass another --ckpt-dir") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+
+
+def new_run_dir(ckpt_dir):
+    """A fresh ckpt_dir/run_NNN. Leftovers of killed runs go first: temporary files, then empty run folders."""
+    for d in glob.glob(os.path.join(ckpt_dir, "run_*")):
+        clean_temporary(d)
+        with contextlib.suppress(OSError):
+            os.rmdir(d)  # only succeeds if empty
+    n = 1 + max([int(d[4:]) for d in os.listdir(ckpt_dir) if d.startswith("run_") and d[4:].isdigit()],
+                default=0)
+    path = os.path.join(ckpt_dir, f"run_{n:03d}")
+    os.makedirs(path)
+    return path
+
+
+def checkpoint_path(run_dir, step):
+    return os.path.join(run_dir, f"ckpt_{step:08d}.pt")
+
+
+def prune_checkpoints(run_dir, keep, steps_per_epoch):
+    """Keep the newest `keep` end-of-epoch checkpoints of run_dir and its newest checkpoint; delete the rest."""
+    steps = sorted(int(os.path.basename(p)[5:-3]) for p in glob.glob(os.path.join(run_dir, "ckpt_*.pt")))
+    kept = set([s for s in steps if s % steps_per_epoch == 0][-keep:] + steps[-1:])
+    for s in steps:
+        if s not in kept:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(checkpoint_path(run_dir, s))
+
+
+def latest_checkpoint(ckpt_dir):
+    """The newest checkpoint of any run under ckpt_dir."""
+    paths = glob.glob(os.path.join(ckpt_dir, "run_*", "ckpt_*.pt"))
+    if not paths:
+        raise UserError(f"no checkpoint under {ckpt_dir}/run_*/; train first (python run.py --mode train) "
+                        f"or pass --checkpoint PATH")
+    return max(paths, key=os.path.getmtime)
+
+
+def save_checkpoint(state, path):
+    write_atomic(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path):
+    """The checkpoint dict at path, with tensors on the CPU; a clear error for anything else.
+    weights_only=True: a file from a stranger can hold tensors and plain types, never code to run."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist; check the path or omit --checkpoint for the newest")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}): it may be truncated "
+                        f"or not from run.py; pick another with --checkpoint") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"{path} is not a checkpoint written by run.py; pick another with --checkpoint")
+    return ckpt
+
+
+def fmt(v):
+    """A setting as written on the command line: tuples as 1,2,3."""
+    return ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+
+
+def reconcile(given, defaults, ckpt=None, path=None):
+    """A run's settings: those given (None means not given), else the checkpoint's on resume, else the
+    defaults. On resume a given setting must agree with the checkpoint's."""
+    cfg = {**defaults, **ADDED_SETTINGS, **ckpt["train_config"]} if ckpt else dict(defaults)
+    for key, value in given.items():
+        if value is None:
+            continue
+        if ckpt and value != cfg[key]:
+            if key == "conditional":  # the one setting that is a switch: --unconditional
+                flag, was = "--unconditional", "labels"
+            else:
+                flag = "--" + key.replace("_", "-")
+                was = f"{flag} {fmt(cfg[key])}, not {fmt(value)}"
+            raise UserError(f"--resume: {path} was trained with {was}; drop {flag} to resume, "
+                            f"or train a new run without --resume")
+        cfg[key] = value
+    if not cfg["conditional"] and given.get("label_dropout") is not None:
+        raise UserError("--label-dropout needs labels; drop it or drop --unconditional")
+    other = {"unet": ("width", "depth"), "mlp": ("channels", "blocks")}[cfg["arch"]]
+    for key in other:
+        if given.get(key) is not None:
+            raise UserError(f"--{key} does not apply to --arch {cfg['arch']}; drop it (--channels and --blocks "
+                            f"shape the U-Net, --width and --depth the MLP)")
+    return cfg

@@ -1,0 +1,344 @@
+"""Training: the step, the budget and learning-rate schedule, EMA, Ctrl-C, the epoch loop and its log.
+
+    from train import TrainSettings, train
+    train(TrainSettings(data_dir="dataset/mnist", epochs=1), {"channels": (8, 16, 32)})
+
+A run is defined by its settings (DEFAULTS, overridden by those given; on resume, the checkpoint's) and
+limited by a budget of epochs and/or minutes that the learning-rate schedule follows. Like improved-
+diffusion's TrainLoop, the Trainer reads top to bottom: run() -> run_epoch() -> run_step(), end_epoch(), save().
+"""
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+from torch.optim.swa_utils import AveragedModel
+from tqdm import tqdm
+
+import evaluate
+import figures
+import sample
+from ckpt import (FORMAT, checkpoint_path, clean_temporary, fmt, load_checkpoint, new_run_dir, prune_checkpoints,
+                  reconcile, save_checkpoint, save_figure, training_lock, write_atomic)
+from data import load_mnist, to_model_range
+from diffusion import Diffusion
+from errors import UserError
+from hardware import autocast, maybe_compile, rng_state, set_rng_state
+from model import MLPConfig, UNetConfig, build_network, count_parameters
+
+# The settings that define a run. A new run takes these unless told otherwise; a resumed run takes its
+# checkpoint's, and a setting given on resume must agree with the checkpoint's.
+DEFAULTS = dict(arch="unet", channels=UNetConfig.channels, blocks=UNetConfig.blocks, width=MLPConfig.width,
+                depth=MLPConfig.depth, objective="eps", loss="mse", timesteps=1000,
+                batch_size=128, lr=1e-3, warmup=200, schedule="cosine", ema_decay=0.999, seed=0,
+                conditional=True, label_dropout=0.1)
+DEFAULT_EPOCHS = 10  # a new run given neither epochs nor minutes
+NO_LABEL = 10  # the label embedding's last entry: digits are 0-9
+LOG_EVERY = 50  # steps per point of the loss history (and per host sync)
+
+
+@dataclass
+class TrainSettings:
+    """Where and how long to train; what is trained is the run's settings (DEFAULTS and those given)."""
+    data_dir: str = "dataset/mnist"
+    ckpt_dir: str = "checkpoints"  # new runs go in ckpt_dir/run_NNN; the eval classifier is cached here
+    resume: Optional[str] = None  # a checkpoint to continue, instead of a new run
+    epochs: Optional[int] = None  # the budget: None and None mean DEFAULT_EPOCHS
+    minutes: Optional[float] = None
+    keep: Optional[int] = None  # keep the newest K end-of-epoch checkpoints (and the last); None keeps all
+    eval_every: Optional[int] = None  # a quick FID every K epochs
+    device: torch.device = torch.device("cpu")
+    amp: Optional[torch.dtype] = None  # bf16 autocast, or None for fp32
+    compile: bool = False
+
+
+def train(settings, given=None):
+    """Train a new run, or continue settings.resume; given: the run's settings asked for (None means not
+    given). Returns the exit status: 0 when the budget is spent, 130 after Ctrl-C."""
+    ckpt = load_checkpoint(settings.resume) if settings.resume else None
+    # The folder that holds the run's folder: one training at a time writes there.
+    runs = os.path.dirname(os.path.dirname(os.path.abspath(settings.resume))) if ckpt else settings.ckpt_dir
+    with training_lock(runs):
+        if ckpt:  # we hold the lock: any temporary file in the run's folder is a killed write's leftover
+            clean_temporary(os.path.dirname(settings.resume))
+        cfg = reconcile(given or {}, DEFAULTS, ckpt, settings.resume)
+        return Trainer(settings, cfg, ckpt).run()
+
+
+def run_budget(epochs, minutes, ckpt=None):
+    """(epochs, minutes) of the run: those given, else the checkpoint's; None means no limit."""
+    saved = ckpt.get("budget", {}) if ckpt else {}
+    epochs = epochs if epochs is not None else saved.get("epochs")
+    minutes = minutes if minutes is not None else saved.get("minutes")
+    if epochs is None and minutes is None:
+        epochs = DEFAULT_EPOCHS
+    return epochs, minutes
+
+
+def learning_rate(cfg, step, progress):
+    """Linear warm-up over cfg['warmup'] steps, then constant or a cosine decay to 0 at progress 1."""
+    warm = min(1.0, (step + 1) / cfg["warmup"])
+    if cfg["schedule"] == "cosine":
+        return cfg["lr"] * warm * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    elif cfg["schedule"] == "constant":
+        return cfg["lr"] * warm
+    else:
+        raise UserError(f"unknown --schedule {cfg['schedule']!r}; choose cosine or constant")
+
+
+def network_config(cfg, num_classes):
+    """The checkpoint's model_config for the run's settings, and a short description of its shape."""
+    if cfg["arch"] == "unet":
+        return ({"arch": "unet", **asdict(UNetConfig(cfg["channels"], cfg["blocks"], num_classes=num_classes))},
+                f"channels {fmt(cfg['channels'])}, blocks {fmt(cfg['blocks'])}")
+    elif cfg["arch"] == "mlp":
+        return ({"arch": "mlp", **asdict(MLPConfig(cfg["width"], cfg["depth"], num_classes))},
+                f"width {cfg['width']}, depth {cfg['depth']}")
+    else:
+        raise UserError(f"unknown --arch {cfg['arch']!r}; choose unet or mlp")
+
+
+def ema_update(decay):
+    """EMA with warm-up: the decay grows as (1 + n) / (10 + n) towards its set value."""
+    def update(ema_params, params, num_averaged):
+        d = min(decay, (1 + float(num_averaged)) / (10 + float(num_averaged)))
+        for e, p in zip(ema_params, params):
+            e.lerp_(p.detach(), 1 - d)
+    return update
+
+
+def make_trainable(model_config, cfg, device):
+    """The network, its EMA copy and the optimizer, on the device."""
+    model = build_network(model_config).to(device)
+    ema = AveragedModel(model, multi_avg_fn=ema_update(cfg["ema_decay"]), use_buffers=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], fused=device.type in ("cuda", "cpu"))
+    return model, ema, opt
+
+
+def drop_labels(y, p, no_label):
+    """Labels y (B,) with each replaced by no_label with probability p (classifier-free guidance training)."""
+    return torch.where(torch.rand(y.shape, device=y.device) < p, no_label, y)
+
+
+def train_step(diffusion, model, ema, opt, x0, y, device, amp):
+    """One optimizer step on a batch x0 (B, 1, 28, 28) with labels y (B,) or None; returns the loss as a
+    device tensor (no sync)."""
+    with autocast(device, amp):
+        loss = diffusion.loss(lambda x, t: model(x, t, y), x0)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    ema.update_parameters(model)
+    return loss.detach()
+
+
+class StopFlag:
+    """The first Ctrl-C asks training to stop at the next step boundary; a second one aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("interrupt: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+
+
+class RunningLoss:
+    """The losses since the last log point, summed on the device: one host sync per log point."""
+
+    def __init__(self, device):
+        self.total, self.count = torch.zeros((), device=device), 0
+        self.first_bad = torch.zeros((), dtype=torch.long, device=device)  # the first step with a non-finite loss
+
+    def add(self, loss, step):
+        self.total += loss
+        self.count += 1
+        self.first_bad = torch.where((self.first_bad == 0) & ~torch.isfinite(loss), step, self.first_bad)
+
+    def take(self):
+        """(mean loss, steps) since the last take; an error naming the first bad step if it is not finite."""
+        mean, count = self.total.item() / self.count, self.count
+        if not math.isfinite(mean):
+            raise UserError(f"the loss became non-finite at step {self.first_bad.item()}; stopped without "
+                            f"saving (the last good checkpoint is kept); try a lower --lr")
+        self.total.zero_()
+        self.count = 0
+        return mean, count
+
+
+class Trainer:
+    """One run: the data in memory, the network, its EMA and optimizer, and where the run stands."""
+
+    def __init__(self, settings, cfg, ckpt=None):
+        self.s, self.cfg, self.device, self.amp = settings, cfg, settings.device, settings.amp
+        self.epochs, self.minutes = run_budget(settings.epochs, settings.minutes, ckpt)
+        images, labels = load_mnist(settings.data_dir)  # (N, 28, 28) uint8, (N,): the whole set in memory
+        self.images, self.labels = images.to(self.device), labels.to(self.device)
+        self.n_batches = max(1, len(images) // cfg["batch_size"])  # the last partial batch is dropped
+        if ckpt and self.progress(ckpt["step"], ckpt.get("elapsed", 0.0)) >= 1:
+            raise UserError(f"{settings.resume} has already used its budget ({ckpt['epoch']} epochs, step "
+                            f"{ckpt['step']}); pass a larger --epochs or --minutes to train on")
+        self.judge = evaluate.Judge(settings.data_dir, settings.ckpt_dir, self.device) if settings.eval_every else None
+
+        torch.manual_seed(cfg["seed"])
+        self.diffusion = Diffusion(cfg["timesteps"], objective=cfg["objective"], loss=cfg["loss"])
+        self.model_config, self.shape = network_config(cfg, NO_LABEL if cfg["conditional"] else 0)
+        self.model, self.ema, self.opt = make_trainable(self.model_config, cfg, self.device)
+        self.net = maybe_compile(self.model, settings.compile)  # what the training step calls
+        self.epoch, self.batch, self.step, self.history, self.log, elapsed = 0, 0, 0, [], [], 0.0
+        if ckpt:
+            self.model.load_state_dict(ckpt["model"])
+            self.ema.module.load_state_dict(ckpt["ema"])
+            self.ema.n_averaged.fill_(ckpt["ema_updates"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+            self.epoch, self.batch, self.step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
+            self.history, self.log, elapsed = ckpt["history"], ckpt["log"], ckpt.get("elapsed", 0.0)
+            set_rng_state(ckpt["rng"], self.device)
+            self.run_dir = os.path.dirname(settings.resume)
+        else:
+            self.run_dir = new_run_dir(settings.ckpt_dir)
+        self.clock = time.time() - elapsed  # the run's clock continues across --resume
+        self.saved_clock = self.elapsed()  # the clock in the newest checkpoint
+
+    def elapsed(self):
+        return time.time() - self.clock
+
+    def progress(self, step=None, seconds=None):
+        """How much of the budget is spent, from 0 to 1: the larger of the step and the time fraction."""
+        step = self.step if step is None else step
+        seconds = self.elapsed() if seconds is None else seconds
+        return max(step / (self.epochs * self.n_batches) if self.epochs else 0.0,
+                   seconds / (60 * self.minutes) if self.minutes else 0.0)
+
+    def run(self):
+        """Train until the budget is spent or Ctrl-C; returns the exit status."""
+        self.print_summary()
+        stop = StopFlag()
+        previous_handler = signal.signal(signal.SIGINT, stop)
+        try:
+            self.model.train()
+            while self.progress() < 1:
+                loss, count, seconds = self.run_epoch(stop)
+                if stop.requested:
+                    self.save()
+                    print(f"stopped at epoch {self.epoch + 1}, batch {self.batch}/{self.n_batches} (step "
+                          f"{self.step}); continue with --resume")
+                    return 130
+                if count == 0 or not self.end_epoch(loss, count, seconds):
+                    break  # the budget ended before this epoch's first step, or inside it
+            if self.batch or self.progress(self.step, self.saved_clock) < 1:
+                self.save()  # the budget ran out inside an epoch or during the last save: the final state and clock
+            print(f"done: {self.epoch + self.batch / self.n_batches:.2f} epochs, {self.step} steps in "
+                  f"{self.elapsed() / 60:.1f} minutes; sample with python run.py --mode sample")
+            return 0
+        finally:
+            signal.signal(signal.SIGINT, previous_handler)
+            if not os.listdir(self.run_dir):  # a run that failed before its first checkpoint leaves no empty folder
+                os.rmdir(self.run_dir)
+
+    def run_epoch(self, stop):
+        """The current epoch's batches until its end, the budget's end or Ctrl-C; returns (mean loss, steps,
+        seconds). The bar closes before any error is printed, so the error is the last line."""
+        bs = self.cfg["batch_size"]
+        # The order of each epoch derives from (seed, epoch) alone, so a resumed run sees the same data.
+        g = torch.Generator().manual_seed(self.cfg["seed"] * 100_003 + self.epoch)
+        order = torch.randperm(len(self.images), generator=g).to(self.device)
+        bar = tqdm(total=self.n_batches * bs, initial=self.batch * bs, unit="img", mininterval=1, dynamic_ncols=True,
+                   desc=f"epoch {self.epoch + 1}" + (f"/{self.epochs}" if self.epochs else ""))
+        running, total, count, t0 = RunningLoss(self.device), 0.0, 0, time.time()
+        done = self.progress()
+        try:
+            while self.batch < self.n_batches and done < 1:
+                loss = self.run_step(order[self.batch * bs:(self.batch + 1) * bs], done)
+                self.batch, self.step = self.batch + 1, self.step + 1
+                running.add(loss, self.step)
+                bar.update(bs)
+                done = self.progress()
+                if running.count == LOG_EVERY or self.batch == self.n_batches or stop.requested or done >= 1:
+                    mean, n = running.take()
+                    self.history.append([self.step, mean])
+                    total, count = total + mean * n, count + n
+                    bar.set_postfix(loss=f"{mean:.4f}", budget=f"{done:.0%}")
+                if stop.requested:
+                    break
+        finally:
+            bar.close()
+        return total / max(count, 1), count, time.time() - t0
+
+    def run_step(self, idx, done):
+        """One optimizer step on the images at idx, at the learning rate for this point of the budget."""
+        x0 = to_model_range(self.images[idx])  # (B, 1, 28, 28)
+        y = drop_labels(self.labels[idx], self.cfg["label_dropout"], NO_LABEL) if self.cfg["conditional"] else None
+        for group in self.opt.param_groups:
+            group["lr"] = learning_rate(self.cfg, self.step, done)
+        return train_step(self.diffusion, self.net, self.ema, self.opt, x0, y, self.device, self.amp)
+
+    def end_epoch(self, loss, count, seconds):
+        """Log the epoch; if it is complete, move to the next, evaluate when due and save. Returns False when
+        the budget ended inside the epoch (then --resume with a larger budget continues it)."""
+        row = {"epoch": self.epoch + 1, "step": self.step, "loss": loss,
+               "images_per_s": round(count * self.cfg["batch_size"] / seconds, 1), "seconds": round(seconds, 1),
+               "lr": self.opt.param_groups[0]["lr"]}
+        if self.batch < self.n_batches:
+            self.log.append(dict(row, batches=self.batch))
+            return False
+        self.log.append(row)
+        self.epoch, self.batch = self.epoch + 1, 0
+        if self.judge and self.epoch % self.s.eval_every == 0:
+            self.quick_eval()
+        self.save()
+        return True
+
+    def quick_eval(self):
+        """FID and friends of 500 DDIM-20 samples of the EMA network, into the epoch's log row."""
+        denoise = sample.denoiser(self.ema.module, self.device, self.amp)
+        fake = sample.generate(denoise, self.diffusion, 500, min(20, self.cfg["timesteps"]), 1.0, self.device,
+                               seed=0, desc="quick eval")
+        quick, _ = self.judge(fake)
+        self.log[-1].update({k: quick[k] for k in ("fid", "precision", "recall", "confident", "entropy")})
+        tqdm.write(f"epoch {self.epoch}: FID {quick['fid']:.3f}, precision {quick['precision']:.3f}, recall "
+                   f"{quick['recall']:.3f}, confident {quick['confident']:.3f} (500 DDIM-20 samples)")
+
+    def state(self):
+        """The checkpoint: one self-describing dict of tensors and plain types."""
+        return {"format": FORMAT, "model_config": self.model_config, "diffusion_config": self.diffusion.config(),
+                "train_config": self.cfg, "budget": {"epochs": self.epochs, "minutes": self.minutes},
+                "model": self.model.state_dict(), "ema": self.ema.module.state_dict(),
+                "ema_updates": int(self.ema.n_averaged), "optimizer": self.opt.state_dict(), "epoch": self.epoch,
+                "batch": self.batch, "step": self.step, "elapsed": self.saved_clock, "rng": rng_state(self.device),
+                "history": self.history, "log": self.log}
+
+    def save(self):
+        """The checkpoint (refused if any weight is non-finite), pruning, log.jsonl and loss.png."""
+        self.saved_clock = self.elapsed()
+        bad = [k for k, v in self.model.state_dict().items() if not torch.isfinite(v).all()]
+        if bad:
+            raise UserError(f"weights became non-finite ({bad[0]}) at step {self.step}; not saved, the last good "
+                            f"checkpoint is kept; try a lower --lr")
+        path = checkpoint_path(self.run_dir, self.step)
+        save_checkpoint(self.state(), path)
+        if self.s.keep:
+            prune_checkpoints(self.run_dir, self.s.keep, self.n_batches)
+        write_atomic(os.path.join(self.run_dir, "log.jsonl"),
+                     lambda f: f.write("".join(json.dumps(r) + "\n" for r in self.log).encode()))
+        evals = [(r["step"], r["fid"]) for r in self.log if "fid" in r]
+        save_figure(figures.loss_curve(self.history, f"{self.run_dir}: step {self.step}, epoch {self.epoch}", evals,
+                                       f"{self.cfg['loss']} loss on {self.cfg['objective']}"),
+                    os.path.join(self.run_dir, "loss.png"))
+        tqdm.write(f"saved {path}")
+
+    def print_summary(self):
+        cfg = self.cfg
+        kind = f"labels, dropout {cfg['label_dropout']:g}" if cfg["conditional"] else "no labels"
+        budget = " and ".join(([f"{self.epochs} epochs"] if self.epochs else [])
+                              + ([f"{self.minutes:g} minutes"] if self.minutes else []))
+        print(f"{cfg['arch']} {count_parameters(self.model):,} parameters, {self.shape}; predicts "
+              f"{cfg['objective']}, {cfg['loss']} loss; T={cfg['timesteps']}; {kind}; {len(self.images):,} images, "
+              f"{self.n_batches} batches of {cfg['batch_size']}; budget {budget}; device {self.device.type}, "
+              f"{'bf16' if self.amp else 'fp32'}; run {self.run_dir}")

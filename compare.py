@@ -21,7 +21,7 @@ from errors import UserError
 from evaluate import evaluate
 from hardware import pick_hardware
 from model import build_network
-from sample import SampleSettings, denoiser, generate
+from sample import SampleSettings, denoiser, generate, sampler_plan
 from train import TrainSettings, train
 
 # The seeds' variants, each against the design card's eps / mse / U-Net; all without labels. The default MLP
@@ -116,7 +116,8 @@ def compare(what, minutes, root, out_dir, n_samples, data_dir):
             model = build_network(ckpt["model_config"])
             model.load_state_dict(ckpt["ema"])
             denoise = denoiser(model.eval(), torch.device("cpu"), None)
-            grids.append(generate(denoise, diffusion, 64, 50, 1.0, torch.device("cpu"), seed=0))
+            plan = sampler_plan("ddim", None, None, None, diffusion.timesteps)
+            grids.append(generate(denoise, diffusion, 64, plan, torch.device("cpu"), seed=0))
         save_figure(figures.panels(grids, [f"{r['name']}\nFID {r['samples']['fid']:.0f}" for r in rows]),
                     os.path.join(out_dir, "variants.png"))
     text = table(rows)

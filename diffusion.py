@@ -3,14 +3,22 @@
 The network is always an argument (`model(x, t) -> output`), never an attribute, so this object holds
 no trainable state. What the output means is the objective: the noise eps (DDPM's choice, the default),
 the clean image x0, or the posterior mean of x_{t-1}; all three share the sampling loop.
-References: Ho et al. 2020 (DDPM, arXiv:2006.11239) and Song et al. 2021 (DDIM, arXiv:2010.02502);
-equation numbers below are theirs.
+References: Ho et al. 2020 (DDPM, arXiv:2006.11239), Song et al. 2021 (DDIM, arXiv:2010.02502), Lu et al.
+2022 (DPM-Solver++, arXiv:2211.01095) and Karras et al. 2022 (EDM, arXiv:2206.00364); equation numbers
+below are theirs.
+
+Every sampler is a step function (model, x_t, t, t_prev, draw) -> (x_{t_prev}, predicted x_0) made by
+`solver()` for one run, so the sampling loop is the same for all of them.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
 OBJECTIVES = ("eps", "x0", "mean")
 LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
+SOLVERS = ("ddim", "dpm2m", "dpm2m-sde", "heun")  # DDPM is DDIM over every step with eta 1
+SPACINGS = ("linspace", "trailing")
 
 
 class Diffusion:
@@ -35,6 +43,8 @@ class Diffusion:
         self.sqrt_alpha_bar = alpha_bar.sqrt().float()
         self.sqrt_one_minus_alpha_bar = (1 - alpha_bar).sqrt().float()
         self._alpha_bar = alpha_bar.tolist()  # Python floats (float64) for the sampler's per-step scalars
+        # EDM's noise level sigma = sqrt((1 - alpha_bar) / alpha_bar): x_t / sqrt(alpha_bar) = x_0 + sigma eps.
+        self.log_sigma = (0.5 * ((1 - alpha_bar) / alpha_bar).log()).float()  # increasing in t
         # Posterior q(x_{t-1} | x_t, x_0), eqs. (6)-(7) of DDPM.
         self.posterior_var = (betas * (1 - alpha_bar_prev) / (1 - alpha_bar)).float()
         self.posterior_coef_x0 = (betas * alpha_bar_prev.sqrt() / (1 - alpha_bar)).float()
@@ -77,14 +87,40 @@ class Diffusion:
         xt = self.q_sample(x0, t, noise)
         return LOSSES[self.loss_type](model(xt, t).float(), self.target(x0, xt, t, noise))
 
-    def timestep_pairs(self, steps):
-        """(t, t_prev) pairs from T-1 down to 0; t_prev = -1 marks the final step to x_0."""
+    def timestep_pairs(self, steps, spacing="linspace"):
+        """(t, t_prev) pairs from T-1 down; t_prev = -1 marks the final step, to x_0."""
         T = self.timesteps
         if not 1 <= steps <= T:
             raise ValueError(f"steps must be between 1 and the {T} timesteps of the schedule")
-        # Evenly spaced, always including T-1 (start from noise) and 0 (end on the data).
-        ts = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+        if spacing == "linspace":  # evenly spaced, including T-1 (start from noise) and 0
+            ts = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+        elif spacing == "trailing":
+            # T-1, T-1-T/steps, ... (Lin et al. 2024, "Common diffusion noise schedules and sample steps are
+            # flawed", Table 2): no network call is spent at t=0, where x_t already is the data.
+            ts = [math.floor(T - i * T / steps + 0.5) - 1 for i in range(steps)]
+        else:
+            raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
         return list(zip(ts, ts[1:] + [-1]))
+
+    def predict_x0(self, out, xt, t):
+        """The x_0 that the network's output at integer timestep t implies, clipped to [-1, 1]."""
+        ab = self._alpha_bar[t]
+        if self.objective == "eps":
+            x0 = (xt - (1 - ab) ** 0.5 * out) / ab ** 0.5  # eq. (9) of DDIM solved for x_0
+        elif self.objective == "x0":
+            x0 = out
+        elif self.objective == "mean":
+            c0, ct = self._mean_coefs(t)
+            x0 = (out - ct * xt) / c0  # eq. (7) of DDPM, mean = c0 x_0 + ct x_t, solved for x_0
+        else:
+            raise ValueError(f"unknown objective {self.objective!r}")
+        return x0.clamp(-1, 1)
+
+    def _mean_coefs(self, t):
+        """c0, ct of the posterior mean of x_{t-1} (not of x_{t_prev}): eq. (7), mean = c0 x_0 + ct x_t."""
+        ab, ab_before = self._alpha_bar[t], self._alpha_bar[t - 1] if t > 0 else 1.0
+        beta = 1 - ab / ab_before
+        return beta * ab_before ** 0.5 / (1 - ab), (1 - ab_before) * (1 - beta) ** 0.5 / (1 - ab)
 
     def step(self, out, xt, t, t_prev, eta, noise):
         """One step x_t -> x_{t_prev} from the network's output; also returns the predicted x_0, clipped.
@@ -96,23 +132,11 @@ class Diffusion:
         """
         ab = self._alpha_bar[t]
         ab_prev = self._alpha_bar[t_prev] if t_prev >= 0 else 1.0
-        if self.objective == "eps":
-            x0 = (xt - (1 - ab) ** 0.5 * out) / ab ** 0.5  # eq. (9) solved for x_0
-        elif self.objective == "x0":
-            x0 = out
-        elif self.objective == "mean":
-            # The network predicts the mean of x_{t-1} (not of x_{t_prev}): eq. (7), mean = c0 x_0 + ct x_t.
-            ab_before = self._alpha_bar[t - 1] if t > 0 else 1.0
-            beta = 1 - ab / ab_before
-            c0, ct = beta * ab_before ** 0.5 / (1 - ab), (1 - ab_before) * (1 - beta) ** 0.5 / (1 - ab)
-            if t_prev == t - 1 and eta == 1:
-                var = beta * (1 - ab_before) / (1 - ab)
-                x_prev = out + var ** 0.5 * noise if var > 0 else out
-                return x_prev, ((out - ct * xt) / c0).clamp(-1, 1)
-            x0 = (out - ct * xt) / c0  # solved for x_0, then the general step below
-        else:
-            raise ValueError(f"unknown objective {self.objective!r}")
-        x0 = x0.clamp(-1, 1)
+        if self.objective == "mean" and t_prev == t - 1 and eta == 1:
+            var = self.posterior_var[t].item()
+            x_prev = out + var ** 0.5 * noise if var > 0 else out
+            return x_prev, self.predict_x0(out, xt, t)
+        x0 = self.predict_x0(out, xt, t)
         eps = (xt - ab ** 0.5 * x0) / (1 - ab) ** 0.5  # the noise consistent with the clipped x_0
         # sigma_t(eta), eq. (16): eta=1 gives the DDPM posterior variance (1-ab_prev)/(1-ab) beta_t.
         var = eta ** 2 * (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
@@ -121,21 +145,34 @@ class Diffusion:
             x_prev = x_prev + var ** 0.5 * noise
         return x_prev, x0
 
+    def solver(self, name="ddim", eta=1.0, churn=0.0, steps=None):
+        """A step function (model, x_t, t, t_prev, draw) -> (x_{t_prev}, x_0) for one sampling run; draw()
+        gives fresh noise. Multistep solvers keep their history inside, so make one per run."""
+        if name == "ddim":
+            return lambda model, x, t, t_prev, draw: self.step(
+                model(x, _full(x, t)).float(), x, t, t_prev, eta, draw() if eta > 0 and t_prev >= 0 else None)
+        elif name in ("dpm2m", "dpm2m-sde"):
+            return DPMSolverPP(self, sde=name == "dpm2m-sde")
+        elif name == "heun":
+            return Heun(self, churn, steps or self.timesteps)
+        else:
+            raise ValueError(f"unknown solver {name!r}; expected one of {SOLVERS}")
+
     @torch.inference_mode()
-    def sample_loop(self, model, shape, steps=None, eta=1.0, device="cpu", generator=None, noise=None):
+    def sample_loop(self, model, shape, steps=None, eta=1.0, device="cpu", generator=None, noise=None,
+                    solver="ddim", spacing="linspace", churn=0.0):
         """Run the reverse process from noise, yielding (t_prev, x_{t_prev}, predicted x_0) after every step
         (t_prev = -1 after the last step, where x is the finished sample).
 
-        steps=None (or T) visits every timestep; with eta=1 that is ancestral DDPM sampling, with
-        eta=0 and fewer steps it is DDIM. Noise is drawn on the CPU generator, so a seed gives the
-        same images on every device.
+        steps=None (or T) visits every timestep; with the ddim solver and eta=1 that is ancestral DDPM
+        sampling, with eta=0 and fewer steps it is DDIM. Noise is drawn on the CPU generator, so a seed
+        gives the same images on every device.
         """
         x = (torch.randn(shape, generator=generator) if noise is None else noise).to(device)
-        for t, t_prev in self.timestep_pairs(steps or self.timesteps):
-            tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
-            out = model(x, tt).float()
-            z = torch.randn(shape, generator=generator).to(device) if eta > 0 and t_prev >= 0 else None
-            x, x0 = self.step(out, x, t, t_prev, eta, z)
+        draw = lambda: torch.randn(shape, generator=generator).to(device)  # noqa: E731
+        step = self.solver(solver, eta, churn, steps)
+        for t, t_prev in self.timestep_pairs(steps or self.timesteps, spacing):
+            x, x0 = step(model, x, t, t_prev, draw)
             yield t_prev, x, x0
 
     def sample(self, model, shape, **kw):
@@ -143,3 +180,89 @@ class Diffusion:
         for _, x, _ in self.sample_loop(model, shape, **kw):
             pass
         return x
+
+
+def _full(x, t, dtype=torch.long):
+    """Timestep t for every image of the batch x: (B,)."""
+    return torch.full((x.shape[0],), t, device=x.device, dtype=dtype)
+
+
+class DPMSolverPP:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) and its SDE variant (their eq. 18 with the same
+    second-order correction, diffusers' "sde-dpmsolver++"): multistep solvers in the data prediction x_0
+    over lambda = log(alpha / sigma). Their first step is first order: DDIM with eta 0 (ODE) or eta 1 (SDE).
+    The final step, to sigma = 0, returns the data prediction."""
+
+    def __init__(self, diffusion, sde):
+        self.d, self.sde, self.last = diffusion, sde, None  # last: (x_0, h) of the previous step
+
+    def vp(self, t):
+        """alpha_t, sigma_t and lambda_t = log(alpha_t / sigma_t) of x_t = alpha_t x_0 + sigma_t eps."""
+        ab = self.d._alpha_bar[t]
+        return ab ** 0.5, (1 - ab) ** 0.5, 0.5 * math.log(ab / (1 - ab))
+
+    def __call__(self, model, x, t, t_prev, draw):
+        x0 = self.d.predict_x0(model(x, _full(x, t)).float(), x, t)
+        if t_prev < 0:
+            return x0, x0
+        _, s_t, lam_t = self.vp(t)
+        a_p, s_p, lam_p = self.vp(t_prev)
+        h = lam_p - lam_t
+        d = x0
+        if self.last is not None:  # second order: D = (1 + 1/2r) x0_i - 1/2r x0_{i-1}, r = h_{i-1} / h_i
+            x0_last, h_last = self.last
+            d = x0 + (x0 - x0_last) * (h / (2 * h_last))
+        self.last = (x0, h)
+        if self.sde:  # x_s = (s_p/s_t) e^-h x + a_p (1 - e^-2h) D + s_p sqrt(1 - e^-2h) z
+            return (s_p / s_t * math.exp(-h)) * x + (a_p * -math.expm1(-2 * h)) * d \
+                + (s_p * (-math.expm1(-2 * h)) ** 0.5) * draw(), x0
+        return (s_p / s_t) * x + (a_p * -math.expm1(-h)) * d, x0  # Algorithm 2: x = s_p/s_t x - a_p (e^-h - 1) D
+
+
+class Heun:
+    """Heun's second-order method with churn, Algorithm 2 of Karras et al. 2022 (EDM), on the VP network:
+    in EDM's variables x / sqrt(alpha_bar) = x_0 + sigma eps, a step from sigma_i to sigma_{i+1} first adds
+    noise up to sigma_hat = sigma_i (1 + gamma), gamma = min(churn / steps, sqrt(2) - 1), then takes an
+    Euler step and corrects it with the slope at its end (two network calls; one on the last step, to
+    sigma = 0). The network sees the continuous timestep of sigma_hat, interpolated in log sigma."""
+
+    def __init__(self, diffusion, churn, steps):
+        if diffusion.objective == "mean":
+            raise ValueError("the heun solver needs an eps or x0 network: the posterior mean is only defined "
+                             "at whole timesteps")
+        self.d, self.gamma = diffusion, min(churn / steps, 2 ** 0.5 - 1)
+
+    def sigma(self, t):
+        return math.exp(self.d.log_sigma[t].item()) if t >= 0 else 0.0
+
+    def denoise(self, model, x_edm, sigma):
+        """D(x; sigma): the network's x_0 for x_edm = x_0 + sigma eps, at the continuous timestep of sigma."""
+        log_sigma = self.d.log_sigma
+        t = float(_interp(math.log(sigma), log_sigma))
+        ab = 1 / (1 + sigma ** 2)
+        xt = x_edm * ab ** 0.5  # back to the network's x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps
+        out = model(xt, _full(xt, t, torch.float32)).float()
+        if self.d.objective == "eps":
+            return ((xt - (1 - ab) ** 0.5 * out) / ab ** 0.5).clamp(-1, 1)
+        return out.clamp(-1, 1)
+
+    def __call__(self, model, x, t, t_prev, draw):
+        s_i, s_next = self.sigma(t), self.sigma(t_prev)
+        x = x * (1 + s_i ** 2) ** 0.5  # (B, ...) in EDM's variables
+        s_hat = min(s_i * (1 + self.gamma), self.sigma(self.d.timesteps - 1))  # no higher than the network knows
+        if s_hat > s_i:
+            x = x + (s_hat ** 2 - s_i ** 2) ** 0.5 * draw()
+        x0 = self.denoise(model, x, s_hat)
+        d = (x - x0) / s_hat  # dx / dsigma, eq. (4) of EDM
+        x_next = x + (s_next - s_hat) * d
+        if s_next > 0:  # the correction with the slope at sigma_{i+1}
+            x0 = self.denoise(model, x_next, s_next)
+            x_next = x + (s_next - s_hat) * 0.5 * (d + (x_next - x0) / s_next)
+        return x_next / (1 + s_next ** 2) ** 0.5, x0
+
+
+def _interp(v, table):
+    """The fractional index at which the increasing 1-d table reaches v (clamped to its ends)."""
+    i = int(torch.searchsorted(table, torch.tensor(v, dtype=table.dtype)).clamp(1, len(table) - 1))
+    lo, hi = table[i - 1].item(), table[i].item()
+    return min(max(i - 1 + (v - lo) / (hi - lo), 0.0), len(table) - 1.0)

@@ -199,32 +199,31 @@ class Judge:
 
 
 def evaluate(s, cache_dir):
-    """The eval mode: score s.n_samples (default 1000) samples of s.checkpoint, and for a labelled run as many
-    guided ones (digits 0-9 in turn), against the real-data floor; prints the table, writes eval.json."""
+    """The eval mode: score s.n_samples (default 1000) samples of s.checkpoint, drawn exactly as the sample
+    mode draws sample.png (for a labelled run: digits from the class prior, guided), against the real-data
+    floor; for a labelled run also how often each digit is drawn as asked. Prints the table, writes eval.json."""
     if s.digit is not None:
         raise UserError("--digit is for --mode sample; eval of a labelled run already asks for every digit")
     sp = sample.load_sampler(s)
     judge = Judge(s.data_dir, cache_dir, s.device)
     n = s.n_samples or 1000
+    asked = sp.labels(n, s.seed)
     t0 = time.time()
-    fake = sp.generate(n, s.seed)
+    fake = sp.generate(n, s.seed, labels=asked)
     seconds = time.time() - t0
-    rows = {"samples": judge(fake, s.seed)[0]}
+    samples, drawn = judge(fake, s.seed)
+    rows = {"samples": samples, "real": judge.floor(n, s.seed)}
     result = {"checkpoint": sp.path, "epoch": sp.ckpt["epoch"], "step": sp.ckpt["step"], "sampler": s.sampler,
-              "steps": sp.steps, "eta": sp.eta, "n": n, "seed": s.seed, "sampling_seconds": round(seconds, 1),
-              "classifier_accuracy": judge.accuracy}
-    if sp.guidance is not None:
-        # A labelled run: also n guided samples, digits 0-9 in turn, and how often each is drawn as asked.
-        asked = torch.arange(n) % 10
-        rows["guided"], drawn = judge(sp.generate(n, s.seed, labels=asked, desc="guided"), s.seed)
+              **sp.plan.kwargs(), "n": n, "seed": s.seed, "sampling_seconds": round(seconds, 1),
+              "classifier_accuracy": judge.accuracy, "guidance": sp.guidance}
+    if asked is not None:  # how often each digit is drawn as asked
         per_digit = [(drawn[asked == d] == d).double().mean().item() for d in range(10)]
-        result.update(guidance=sp.guidance, as_asked=per_digit)
-    rows["real"] = judge.floor(n, s.seed)
+        result.update(as_asked=per_digit, interval=list(sp.interval))
     print(f"{n} samples in {seconds:.1f} s; classifier test accuracy {judge.accuracy:.2%}; "
           f"'real' is {n} training images, the floor at this N")
     print(table(rows))
-    if sp.guidance is not None:
-        print(f"guided (W={sp.guidance:g}) samples classified as the digit asked for: "
+    if asked is not None:
+        print("samples classified as the digit asked for: "
               + " ".join(f"{d}:{a:.1%}" for d, a in enumerate(per_digit)) + f"; worst {min(per_digit):.1%}")
     result.update(rows)
     make_folder(s.out_dir, "--out-dir")

@@ -17,12 +17,12 @@ from errors import UserError
 from evaluate import evaluate
 from hardware import pick_hardware
 from model import UNetConfig
-from sample import DEFAULT_GUIDANCE, SampleSettings, sample
+from sample import DEFAULT_GUIDANCE, DEFAULT_INTERVAL, SAMPLERS, SampleSettings, sample
 from train import DEFAULT_EPOCHS, DEFAULTS, TrainSettings, train
 
 # Flags a mode would ignore are refused rather than silently dropped.
 TRAINING_FLAGS = (*DEFAULTS, "epochs", "minutes", "resume", "keep", "eval_every")
-SAMPLING_FLAGS = ("n_samples", "sampler", "steps", "eta", "sample_seed", "digit", "guidance")
+SAMPLING_FLAGS = ("n_samples", "sampler", "steps", "eta", "churn", "sample_seed", "digit", "guidance", "interval")
 
 
 class Parser(argparse.ArgumentParser):
@@ -65,6 +65,16 @@ def int_list(s):
         v = ()
     if len(v) != 3 or min(v) < 1:
         raise argparse.ArgumentTypeError(f"must be three positive integers like 1,1,2, got {s!r}")
+    return v
+
+
+def timestep_range(s):
+    try:
+        v = tuple(int(p) for p in s.split(","))
+    except ValueError:
+        v = ()
+    if len(v) != 2 or not 0 <= v[0] <= v[1]:
+        raise argparse.ArgumentTypeError(f"must be two timesteps LO,HI with 0 <= LO <= HI, like 100,600, got {s!r}")
     return v
 
 
@@ -133,16 +143,23 @@ def build_parser():
                    help="every K epochs, FID etc. of 500 DDIM-20 samples into the log and loss.png")
     g = p.add_argument_group("sampling and evaluation")
     g.add_argument("--n-samples", type=positive_int, metavar="N", help="images to draw (default: sample 256, eval 1000)")
-    g.add_argument("--sampler", choices=["ddpm", "ddim"],
-                   help="ddpm: ancestral, all T steps; ddim: --steps evenly spaced steps (default ddim)")
-    g.add_argument("--steps", type=positive_int, metavar="N", help="DDIM steps (default 50)")
+    g.add_argument("--sampler", choices=SAMPLERS,
+                   help="ddpm: ancestral, all T steps; ddim: --steps evenly spaced steps; dpm2m, dpm2m-sde: "
+                        "DPM-Solver++(2M) and its SDE form; heun: EDM's Heun, 2 network calls a step, with "
+                        "--churn (default ddim)")
+    g.add_argument("--steps", type=positive_int, metavar="N", help="solver steps (default 50)")
     g.add_argument("--eta", type=float, help="DDIM noise (Song et al. eq. 16): 0 is deterministic DDIM, 1 the "
                                              "ancestral step; default 1, measured best here (README)")
+    g.add_argument("--churn", type=float, metavar="S", help="heun: EDM's S_churn, noise added back each step "
+                                                            "(default 0, deterministic)")
     g.add_argument("--digit", type=int, choices=range(10), metavar="D",
-                   help="sample: a grid of digit D (0-9) instead of unconditional samples (labelled runs)")
+                   help="sample: a grid of digit D (0-9) (labelled runs; default: digits from the class prior)")
     g.add_argument("--guidance", type=guidance_weight, metavar="W",
-                   help=f"classifier-free guidance eps_u + W (eps_c - eps_u): 1 is plain conditional, 0 "
-                        f"unconditional (default {DEFAULT_GUIDANCE:g}; labelled runs)")
+                   help=f"classifier-free guidance eps_u + W (eps_c - eps_u): 1 is plain conditional, 0 draws "
+                        f"with no label (default {DEFAULT_GUIDANCE:g}; labelled runs)")
+    g.add_argument("--guidance-interval", dest="interval", type=timestep_range, metavar="LO,HI",
+                   help=f"apply guidance only at timesteps LO <= t <= HI, plain conditional elsewhere "
+                        f"(default {fmt(DEFAULT_INTERVAL)})")
     g.add_argument("--sample-seed", type=int, metavar="S",
                    help="same seed and checkpoint, same images (default 0)")
     return p
@@ -171,8 +188,9 @@ def train_mode(args, device, amp):
 def sample_settings(args, device, amp):
     return SampleSettings(checkpoint=args.checkpoint or latest_checkpoint(args.ckpt_dir), out_dir=args.out_dir,
                           data_dir=args.data_dir, n_samples=args.n_samples, sampler=args.sampler or "ddim",
-                          steps=args.steps, eta=args.eta, seed=args.sample_seed or 0, digit=args.digit,
-                          guidance=args.guidance, device=device, amp=amp, compile=args.compile)
+                          steps=args.steps, eta=args.eta, churn=args.churn, seed=args.sample_seed or 0,
+                          digit=args.digit, guidance=args.guidance, interval=args.interval, device=device, amp=amp,
+                          compile=args.compile)
 
 
 def main(argv=None):

@@ -3,8 +3,10 @@
     from sample import SampleSettings, load_sampler, sample
     sample(SampleSettings(checkpoint="checkpoints/run_001/ckpt_00004680.pt", digit=7))
 
-The sampler math itself (DDPM, DDIM) lives in diffusion.py; this file turns a checkpoint's EMA weights
-into an eps(x, t) function, with classifier-free guidance for labelled runs, and draws with it.
+The sampler math itself (DDPM, DDIM, DPM-Solver++, Heun) lives in diffusion.py; this file turns a
+checkpoint's EMA weights into an eps(x, t) function, with classifier-free guidance for labelled runs,
+and draws with it. A labelled checkpoint draws each image's digit from the training set's class
+frequencies (the class prior), so its pictures show what it draws when asked, in the data's proportions.
 """
 import math
 import os
@@ -24,6 +26,8 @@ from hardware import autocast, maybe_compile
 from model import build_network
 
 DEFAULT_GUIDANCE = 2.0  # classifier-free guidance weight W; 1 is plain conditional, 0 unconditional
+DEFAULT_INTERVAL = (0, 10_000)  # guidance applies where lo <= t <= hi (Kynkaanniemi et al. 2024)
+SAMPLERS = ("ddpm", "ddim", "dpm2m", "dpm2m-sde", "heun")
 
 
 @dataclass
@@ -33,47 +37,79 @@ class SampleSettings:
     out_dir: str = "gen"
     data_dir: str = "dataset/mnist"  # real digits for forward.png (and eval's reference)
     n_samples: Optional[int] = None  # sample 256, eval 1000
-    sampler: str = "ddim"
-    steps: Optional[int] = None  # DDIM steps, default 50
+    sampler: str = "ddim"  # one of SAMPLERS
+    steps: Optional[int] = None  # solver steps, default 50
     eta: Optional[float] = None  # DDIM noise, default 1
+    churn: Optional[float] = None  # Heun's S_churn, default 0
     seed: int = 0
     digit: Optional[int] = None  # a grid of one digit (labelled runs)
-    guidance: Optional[float] = None  # default DEFAULT_GUIDANCE for labelled runs
+    guidance: Optional[float] = None  # default DEFAULT_GUIDANCE for labelled runs; 0 draws with no label
+    interval: Optional[tuple] = None  # the timesteps (lo, hi) where guidance applies, default DEFAULT_INTERVAL
     device: torch.device = torch.device("cpu")
     amp: Optional[torch.dtype] = None
     compile: bool = False
 
 
-def sampler_steps(sampler, steps, eta, timesteps):
-    """(steps, eta) for the chosen sampler; DDPM means every step with the posterior variance."""
+@dataclass
+class Plan:
+    """How to sample: the diffusion solver, its steps and spacing, DDIM's eta and Heun's churn."""
+    solver: str
+    steps: int
+    spacing: str
+    eta: float = 1.0
+    churn: float = 0.0
+
+    def kwargs(self):
+        return dict(solver=self.solver, steps=self.steps, spacing=self.spacing, eta=self.eta, churn=self.churn)
+
+    def describe(self, sampler):
+        extra = {"ddim": f", eta {self.eta:g}", "heun": f", churn {self.churn:g}"}.get(self.solver, "")
+        return f"{sampler} with {self.steps} steps{extra}"
+
+
+def sampler_plan(sampler, steps, eta, churn, timesteps):
+    """The Plan for the chosen sampler; DDPM means every step with the posterior variance."""
+    if eta is not None and sampler != "ddim":
+        raise UserError(f"--eta is DDIM's; --sampler {sampler} " + (
+            "has eta 1 by definition" if sampler == "ddpm" else "does not take it") + "; use --sampler ddim")
+    if churn is not None and sampler != "heun":
+        raise UserError(f"--churn is for --sampler heun; drop it for --sampler {sampler}")
     if sampler == "ddpm":
         if steps not in (None, timesteps):
             raise UserError(f"--sampler ddpm always runs all {timesteps} steps; use --sampler ddim for --steps")
-        if eta not in (None, 1.0):
-            raise UserError("--sampler ddpm has eta 1 by definition; use --sampler ddim to set --eta")
-        return timesteps, 1.0
-    elif sampler == "ddim":
+        return Plan("ddim", timesteps, "linspace", eta=1.0)
+    elif sampler in SAMPLERS:
         steps = steps or min(50, timesteps)
         if steps > timesteps:
             raise UserError(f"--steps {steps} exceeds the checkpoint's {timesteps} timesteps")
         if eta is not None and not 0 <= eta <= 1:
             raise UserError(f"--eta must be between 0 and 1, got {eta}")
-        # eta 1 by default: at 50 steps it matched 1000-step DDPM in FID here, and eta 0 was far worse.
-        return steps, 1.0 if eta is None else eta
+        if churn is not None and not 0 <= churn <= 1000:
+            raise UserError(f"--churn must be between 0 and 1000, got {churn}")
+        if sampler == "ddim":
+            # eta 1 by default: at 50 steps it matched 1000-step DDPM in FID here, and eta 0 was far worse.
+            return Plan("ddim", steps, "linspace", eta=1.0 if eta is None else eta)
+        # The newer solvers end their last step on the data rather than spend a call at t=0.
+        return Plan(sampler, steps, "trailing", churn=churn or 0.0)
     else:
-        raise UserError(f"unknown --sampler {sampler!r}; choose ddpm or ddim")
+        raise UserError(f"unknown --sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
 
 
-def denoiser(model, device, amp):
+def denoiser(model, device, amp, interval=DEFAULT_INTERVAL):
     """model as an eps(x, t, y=None, w=1) function, under autocast when amp is set.
 
     With labels y and guidance w, classifier-free guidance (Ho & Salimans 2022, with w shifted by one):
     eps_u + w (eps_c - eps_u), so w = 1 is plain conditional and w = 0 unconditional. Both branches come
-    from one network call on the batch stacked twice.
+    from one network call on the batch stacked twice. Guidance applies only at timesteps inside interval
+    (lo, hi); elsewhere the conditional output is used alone (Kynkaanniemi et al. 2024, "Applying guidance
+    in a limited interval"): guidance at high noise mostly costs variety, at low noise it does little.
     """
     no_label = model.cfg.num_classes  # the "no label" entry (a compiled model passes cfg through)
+    lo, hi = interval
 
     def denoise(x, t, y=None, w=1.0):
+        if w not in (0, 1) and not lo <= float(t[0]) <= hi:
+            w = 1.0  # outside the interval: conditional, one network call
         with autocast(device, amp):
             if y is None or w == 0:
                 return model(x, t, None).float()
@@ -85,22 +121,28 @@ def denoiser(model, device, amp):
     return denoise
 
 
-def generate(denoise, diffusion, n, steps, eta, device, seed, labels=None, guidance=1.0, batch_size=500,
+def generate(denoise, diffusion, n, plan, device, seed, labels=None, guidance=1.0, batch_size=500,
              desc="sampling"):
     """n final samples (n, 1, 28, 28) on the CPU, drawn in batches, for labels (n,) or unconditionally;
     the same seed gives the same images."""
     g = torch.Generator().manual_seed(seed)
     out = []
-    with tqdm(total=n * steps, unit="img-step", desc=desc, mininterval=1, leave=False) as bar:
+    with tqdm(total=n * plan.steps, unit="img-step", desc=desc, mininterval=1, leave=False) as bar:
         for i in range(0, n, batch_size):
             m = min(batch_size, n - i)
             y = None if labels is None else labels[i:i + m].to(device)
             model = lambda x, t: denoise(x, t, y, guidance)  # noqa: E731
-            for _, x, _ in diffusion.sample_loop(model, (m, 1, 28, 28), steps=steps, eta=eta, device=device,
-                                                 generator=g):
+            for _, x, _ in diffusion.sample_loop(model, (m, 1, 28, 28), device=device, generator=g,
+                                                 **plan.kwargs()):
                 bar.update(m)
             out.append(x.float().cpu())
     return torch.cat(out)
+
+
+def class_prior(ckpt):
+    """The training set's digit frequencies (10,), recorded in the checkpoint; uniform for checkpoints
+    from before they were (MNIST's are 9.0% to 11.2%)."""
+    return torch.tensor(ckpt.get("class_prior") or [0.1] * 10, dtype=torch.float64)
 
 
 @dataclass
@@ -110,14 +152,24 @@ class Sampler:
     ckpt: dict
     diffusion: Diffusion
     denoise: object  # eps(x, t, y=None, w=1)
-    steps: int
-    eta: float
+    plan: Plan
     guidance: Optional[float]  # None for an unlabelled checkpoint
+    interval: tuple  # the timesteps (lo, hi) where guidance applies
     device: torch.device
+
+    def labels(self, n, seed, digit=None):
+        """What to ask for, (n,) or None: digit, else each image's digit drawn from the class prior; None
+        for an unlabelled checkpoint or guidance 0 ("no label")."""
+        if not self.guidance:
+            return None
+        if digit is not None:
+            return torch.full((n,), digit)
+        g = torch.Generator().manual_seed(seed + 3)
+        return torch.multinomial(class_prior(self.ckpt), n, replacement=True, generator=g)
 
     def generate(self, n, seed, labels=None, desc="sampling"):
         """n images from seed, guided towards labels (n,) if given."""
-        return generate(self.denoise, self.diffusion, n, self.steps, self.eta, self.device, seed, labels=labels,
+        return generate(self.denoise, self.diffusion, n, self.plan, self.device, seed, labels=labels,
                         guidance=self.guidance if labels is not None else 1.0, desc=desc)
 
 
@@ -125,45 +177,52 @@ def load_sampler(s):
     """The checkpoint s.checkpoint as a Sampler, its settings checked against what s asks for."""
     ckpt = load_checkpoint(s.checkpoint)
     diffusion = Diffusion(**ckpt["diffusion_config"])
-    steps, eta = sampler_steps(s.sampler, s.steps, s.eta, diffusion.timesteps)
+    plan = sampler_plan(s.sampler, s.steps, s.eta, s.churn, diffusion.timesteps)
+    if plan.solver == "heun" and diffusion.objective == "mean":
+        raise UserError(f"{s.checkpoint} predicts the posterior mean, defined only at whole timesteps; "
+                        f"--sampler heun needs eps or x0: pick another sampler")
     model = build_network(ckpt["model_config"]).to(s.device)
     model.load_state_dict(ckpt["ema"])  # the EMA weights: what every sample and figure is drawn with
     model.eval()
     labelled = model.cfg.num_classes > 0
-    if not labelled and (s.digit is not None or s.guidance is not None):
-        flag = "--digit" if s.digit is not None else "--guidance"
-        raise UserError(f"{s.checkpoint} was trained without labels (--unconditional), so {flag} cannot apply; "
-                        f"drop {flag} or pick a checkpoint trained with labels")
+    given = [f for f, v in (("--digit", s.digit), ("--guidance", s.guidance), ("--guidance-interval", s.interval))
+             if v is not None]
+    if not labelled and given:
+        raise UserError(f"{s.checkpoint} was trained without labels (--unconditional), so {given[0]} cannot "
+                        f"apply; drop {given[0]} or pick a checkpoint trained with labels")
+    if s.digit is not None and s.guidance == 0:
+        raise UserError("--digit needs a label, and --guidance 0 draws with none; drop one of them")
     guidance = (DEFAULT_GUIDANCE if s.guidance is None else s.guidance) if labelled else None
-    print(f"{s.checkpoint}: epoch {ckpt['epoch']}, step {ckpt['step']}, "
-          f"{f'labelled, guidance {guidance:g}' if labelled else 'unconditional'}; {s.sampler} with "
-          f"{steps} steps, eta {eta}; {s.device.type}, {'bf16' if s.amp else 'fp32'}")
-    return Sampler(s.checkpoint, ckpt, diffusion, denoiser(maybe_compile(model, s.compile), s.device, s.amp),
-                   steps, eta, guidance, s.device)
+    interval = s.interval or DEFAULT_INTERVAL
+    what = "unconditional" if not labelled else "labelled, no label" if guidance == 0 else (
+        f"labelled, guidance {guidance:g}" + (f" at t in [{interval[0]}, {interval[1]}]"
+                                              if interval[0] > 0 or interval[1] < diffusion.timesteps - 1 else ""))
+    print(f"{s.checkpoint}: epoch {ckpt['epoch']}, step {ckpt['step']}, {what}; {plan.describe(s.sampler)}; "
+          f"{s.device.type}, {'bf16' if s.amp else 'fp32'}")
+    denoise = denoiser(maybe_compile(model, s.compile), s.device, s.amp, interval)
+    return Sampler(s.checkpoint, ckpt, diffusion, denoise, plan, guidance, interval, s.device)
 
 
 def sample(s):
     """The sample mode: sample.png, process.png, process.gif, digits.png and forward.png in s.out_dir."""
     sp = load_sampler(s)
     n = s.n_samples or 256
-    x, strip, strip_labels, anim, seconds = draw_with_frames(sp, n, s.digit, s.seed)
+    labels = sp.labels(n, s.seed, s.digit)
+    x, strip, strip_labels, anim, seconds = draw_with_frames(sp, n, labels, s.seed)
     make_folder(s.out_dir, "--out-dir")
     out = lambda name: os.path.join(s.out_dir, name)  # noqa: E731
     write_atomic(out("sample.png"), lambda f: figures.grid(x, math.ceil(math.sqrt(n))).save(f, format="PNG"))
     what = "" if s.digit is None else f", digit {s.digit}, guidance {sp.guidance:g}"
-    save_figure(figures.strips(strip, strip_labels, f"reverse process, {s.sampler} {sp.steps} steps{what}"),
+    save_figure(figures.strips(strip, strip_labels, f"reverse process, {sp.plan.describe(s.sampler)}{what}"),
                 out("process.png"))
     frames = figures.animation(anim, math.ceil(math.sqrt(anim.shape[1])))
     durations = [80] * (len(frames) - 1) + [1500]  # hold the finished digits
     write_atomic(out("process.gif"), lambda f: frames[0].save(
         f, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0))
     written = ["sample.png", "process.png", "process.gif"]
-    if sp.guidance is not None and s.digit is None:
-        # One row per digit, guided, from a seed derived from the sample seed: reruns give the same figure.
-        per_row = 10
-        rows = sp.generate(10 * per_row, s.seed + 2, labels=torch.arange(10).repeat_interleave(per_row),
-                           desc="digits")
-        write_atomic(out("digits.png"), lambda f: figures.grid(rows, per_row).save(f, format="PNG"))
+    if labels is not None and s.digit is None:
+        rows = by_digit(x, labels, per_row=10)  # the same images, sorted by the digit asked for
+        write_atomic(out("digits.png"), lambda f: figures.grid(rows, 10).save(f, format="PNG"))
         written.append("digits.png")
     try:
         save_figure(forward_figure(sp.diffusion, s.data_dir, s.seed), out("forward.png"))
@@ -174,26 +233,36 @@ def sample(s):
     return 0
 
 
-def draw_with_frames(sp, n, digit, seed):
+def by_digit(x, labels, per_row):
+    """One row per digit 0-9: the first per_row images of x (N, 1, 28, 28) asked to be that digit, padded
+    with black where fewer were drawn."""
+    rows = []
+    for d in range(10):
+        mine = x[labels == d][:per_row]
+        rows += [mine, torch.full((per_row - len(mine), *x.shape[1:]), -1.0)]
+    return torch.cat(rows)
+
+
+def draw_with_frames(sp, n, labels, seed):
     """One sampling run that gives the grid, the strips and the animation: n final images, and a few frames
     of a few of them. Returns (images, strip frames, strip labels, animation frames, seconds)."""
-    n_strip, n_anim, steps = min(6, n), min(64, n), sp.steps
+    n_strip, n_anim, steps = min(6, n), min(64, n), sp.plan.steps
     strip_at = set(torch.linspace(0, steps, min(12, steps + 1)).round().long().tolist())
     anim_at = set(torch.linspace(0, steps, min(40, steps + 1)).round().long().tolist())
     noise = torch.randn((n, 1, 28, 28), generator=torch.Generator().manual_seed(seed))
-    strip, labels, anim = [noise[:n_strip]], ["noise"], [noise[:n_anim]]
+    strip, names, anim = [noise[:n_strip]], ["noise"], [noise[:n_anim]]
     t0 = time.time()
-    y = None if digit is None else torch.full((n,), digit, device=sp.device)
+    y = None if labels is None else labels.to(sp.device)
     model = lambda x, t: sp.denoise(x, t, y, sp.guidance)  # noqa: E731
-    loop = sp.diffusion.sample_loop(model, noise.shape, steps=steps, eta=sp.eta, device=sp.device,
-                                    generator=torch.Generator().manual_seed(seed + 1), noise=noise)
+    loop = sp.diffusion.sample_loop(model, noise.shape, device=sp.device, noise=noise,
+                                    generator=torch.Generator().manual_seed(seed + 1), **sp.plan.kwargs())
     for k, (t, x, _) in enumerate(tqdm(loop, total=steps, desc="sampling", mininterval=1), start=1):
         if k in strip_at:
             strip.append(x[:n_strip].cpu())
-            labels.append(f"t={t}" if t >= 0 else "x0")
+            names.append(f"t={t}" if t >= 0 else "x0")
         if k in anim_at:
             anim.append(x[:n_anim].cpu())
-    return x.cpu(), torch.stack(strip), labels, torch.stack(anim), time.time() - t0
+    return x.cpu(), torch.stack(strip), names, torch.stack(anim), time.time() - t0
 
 
 def forward_figure(diffusion, data_dir, seed):

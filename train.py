@@ -180,6 +180,8 @@ class Trainer:
         self.epochs, self.minutes = run_budget(settings.epochs, settings.minutes, ckpt)
         images, labels = load_mnist(settings.data_dir)  # (N, 28, 28) uint8, (N,): the whole set in memory
         self.images, self.labels = images.to(self.device), labels.to(self.device)
+        # The digits' frequencies: sampling draws each image's label from them.
+        self.class_prior = torch.bincount(labels, minlength=NO_LABEL).double().div(len(labels)).tolist()
         self.n_batches = max(1, len(images) // cfg["batch_size"])  # the last partial batch is dropped
         if ckpt and self.progress(ckpt["step"], ckpt.get("elapsed", 0.0)) >= 1:
             raise UserError(f"{settings.resume} has already used its budget ({ckpt['epoch']} epochs, step "
@@ -298,8 +300,8 @@ class Trainer:
     def quick_eval(self):
         """FID and friends of 500 DDIM-20 samples of the EMA network, into the epoch's log row."""
         denoise = sample.denoiser(self.ema.module, self.device, self.amp)
-        fake = sample.generate(denoise, self.diffusion, 500, min(20, self.cfg["timesteps"]), 1.0, self.device,
-                               seed=0, desc="quick eval")
+        plan = sample.Plan("ddim", min(20, self.cfg["timesteps"]), "linspace", eta=1.0)
+        fake = sample.generate(denoise, self.diffusion, 500, plan, self.device, seed=0, desc="quick eval")
         quick, _ = self.judge(fake)
         self.log[-1].update({k: quick[k] for k in ("fid", "precision", "recall", "confident", "entropy")})
         tqdm.write(f"epoch {self.epoch}: FID {quick['fid']:.3f}, precision {quick['precision']:.3f}, recall "
@@ -312,7 +314,7 @@ class Trainer:
                 "model": self.model.state_dict(), "ema": self.ema.module.state_dict(),
                 "ema_updates": int(self.ema.n_averaged), "optimizer": self.opt.state_dict(), "epoch": self.epoch,
                 "batch": self.batch, "step": self.step, "elapsed": self.saved_clock, "rng": rng_state(self.device),
-                "history": self.history, "log": self.log}
+                "history": self.history, "log": self.log, "class_prior": self.class_prior}
 
     def save(self):
         """The checkpoint (refused if any weight is non-finite), pruning, log.jsonl and loss.png."""

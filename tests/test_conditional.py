@@ -51,6 +51,17 @@ def test_guidance_weights_follow_the_documented_convention():
     torch.testing.assert_close(guided, uncond + 2.5 * (cond - uncond), rtol=1e-4, atol=1e-5)
 
 
+def test_guidance_applies_only_inside_its_interval():
+    net, x, y = labelled_net(), torch.randn(3, 1, 28, 28), torch.tensor([0, 4, 9])
+    denoise = sample.denoiser(net, torch.device("cpu"), None, interval=(5, 10))
+    with torch.no_grad():
+        for step, guided in ((4, False), (5, True), (10, True), (11, False)):
+            t = torch.full((3,), step)
+            cond, uncond = net(x, t, y), net(x, t)
+            expected = uncond + 2.0 * (cond - uncond) if guided else cond  # plain conditional outside
+            torch.testing.assert_close(denoise(x, t, y, 2.0), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_label_dropout_rate():
     y = torch.randint(0, 10, (200_000,))
     for p in (0.0, 0.1, 0.5):

@@ -1,8 +1,12 @@
-"""The noise process: schedule, forward noising, posterior, and the shared sampling loop."""
+"""The noise process: schedule, forward noising, posterior, the shared sampling loop, and the solvers: each
+recovers the data from an exact predictor along the whole trajectory, reduces to DDIM where it should, and the
+second-order ones converge on the probability-flow ODE at second order."""
+import math
+
 import pytest
 import torch
 
-from diffusion import Diffusion
+from diffusion import Diffusion, DPMSolverPP, Heun
 
 
 @pytest.mark.parametrize("T", [1000, 200, 50, 10])
@@ -86,3 +90,107 @@ def test_sample_loop_yields_every_step_and_is_reproducible():
     assert torch.equal(frames[-1][1], again)
     other = d.sample(dummy, (3, 1, 28, 28), steps=7, eta=1.0, generator=torch.Generator().manual_seed(6))
     assert not torch.equal(again, other)
+
+
+def alpha_bar_at(d, t):
+    """alpha_bar at (possibly fractional) timesteps t (B,), interpolating log sigma as Heun does."""
+    lo = t.floor().long().clamp(max=d.timesteps - 2)
+    w = (t - lo).view(-1, 1, 1, 1)
+    log_sigma = (1 - w) * d.log_sigma[lo].view(-1, 1, 1, 1) + w * d.log_sigma[lo + 1].view(-1, 1, 1, 1)
+    return 1 / (1 + (2 * log_sigma).exp())
+
+
+def exact_eps(d, target):
+    """The exact eps-predictor when the data is one known batch: eps = (x_t - sqrt(ab) x*) / sqrt(1 - ab)."""
+    def model(x, t):
+        ab = alpha_bar_at(d, t.float())
+        return (x - ab.sqrt() * target) / (1 - ab).sqrt()
+    return model
+
+
+def gaussian_eps(d, s):
+    """The exact eps-predictor for data N(0, s^2): eps = sqrt(1 - ab) x / (ab s^2 + 1 - ab)."""
+    def model(x, t):
+        ab = alpha_bar_at(d, t.float())
+        return (1 - ab).sqrt() * x / (ab * s ** 2 + 1 - ab)
+    return model
+
+
+def trajectory(d, model, solver, steps, spacing="trailing", seed=1, **kw):
+    g = torch.Generator().manual_seed(seed)
+    return [x for _, x, _ in d.sample_loop(model, (4, 1, 28, 28), steps=steps, solver=solver, spacing=spacing,
+                                           generator=g, **kw)]
+
+
+@pytest.mark.parametrize("solver", ["dpm2m", "heun"])
+@pytest.mark.parametrize("steps", [1, 5, 20])
+def test_deterministic_solvers_follow_ddim_exactly_when_the_prediction_is_exact(solver, steps):
+    """With one data point the exact x0-prediction never changes, so the second-order terms vanish and every
+    step, not only the last, must be DDIM's (eta 0): a check of the whole trajectory."""
+    d, target = Diffusion(100), torch.rand(4, 1, 28, 28) * 2 - 1
+    ours = trajectory(d, exact_eps(d, target), solver, steps)
+    ddim = trajectory(d, exact_eps(d, target), "ddim", steps, eta=0.0)
+    assert len(ours) == len(ddim) == steps
+    for a, b in zip(ours, ddim):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours[-1], target, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("steps", [5, 20])
+def test_the_sde_solver_follows_ddim_with_eta_1_when_the_prediction_is_exact(steps):
+    d, target = Diffusion(100), torch.rand(4, 1, 28, 28) * 2 - 1
+    ours = trajectory(d, exact_eps(d, target), "dpm2m-sde", steps)
+    ddim = trajectory(d, exact_eps(d, target), "ddim", steps, eta=1.0)  # the same noise, drawn in the same order
+    for a, b in zip(ours, ddim):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_first_order_dpm_solver_pp_is_ddim():
+    """The first step of each multistep solver is first order: DDIM with eta 0 (ODE) or eta 1 (SDE)."""
+    d, x, eps, z = Diffusion(1000), *torch.randn(3, 3, 1, 28, 28).unbind(0)
+    model = lambda x_, t: eps  # noqa: E731
+    for sde, eta in ((False, 0.0), (True, 1.0)):
+        x_prev, x0 = DPMSolverPP(d, sde)(model, x, 700, 600, lambda: z)
+        ref_prev, ref_x0 = d.step(eps, x, 700, 600, eta, z)
+        torch.testing.assert_close(x_prev, ref_prev, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(x0, ref_x0)
+
+
+def test_second_order_solvers_converge_on_the_probability_flow_ode_at_second_order():
+    """For Gaussian data N(0, s^2) the probability-flow ODE is known: x_t / std_t stays constant, std_t^2 =
+    ab s^2 + 1 - ab. Doubling the steps halves DDIM's error at t=199 (first order) and quarters that of
+    DPM-Solver++(2M) and Heun (second order)."""
+    d, s = Diffusion(1000), 0.3
+    x_T = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    std = (d.alpha_bar * s ** 2 + 1 - d.alpha_bar).sqrt()
+    exact = x_T * std[199] / std[999]
+
+    def error(solver, steps):
+        kw = {"eta": 0.0} if solver == "ddim" else {}
+        for t, x, _ in d.sample_loop(gaussian_eps(d, s), x_T.shape, steps=steps, solver=solver, spacing="trailing",
+                                     noise=x_T, **kw):
+            if t == 199:  # on the trailing grid of 20 and 40 steps
+                return (x - exact).abs().max().item()
+
+    ratio = {solver: error(solver, 20) / error(solver, 40) for solver in ("ddim", "dpm2m", "heun")}
+    assert 1.6 < ratio["ddim"] < 2.5 and ratio["dpm2m"] > 3.2 and ratio["heun"] > 3.2, ratio
+    assert error("dpm2m", 20) < error("ddim", 20) / 4
+
+
+def test_heun_churn_adds_noise_and_still_recovers_the_data():
+    d, target = Diffusion(100), torch.rand(4, 1, 28, 28) * 2 - 1
+    plain = trajectory(d, exact_eps(d, target), "heun", 10)
+    churned = trajectory(d, exact_eps(d, target), "heun", 10, churn=5.0)
+    assert not torch.allclose(plain[3], churned[3], atol=1e-3)
+    torch.testing.assert_close(churned[-1], target, atol=1e-4, rtol=0)
+    assert Heun(d, churn=100.0, steps=10).gamma == pytest.approx(math.sqrt(2) - 1)  # EDM's cap
+
+
+def test_trailing_spacing_starts_at_the_last_timestep_and_spends_no_call_at_t0():
+    d = Diffusion(1000)
+    pairs = d.timestep_pairs(20, "trailing")
+    assert pairs[0][0] == 999 and pairs[-1] == (49, -1) and len(pairs) == 20
+    assert all(t - t_prev == 50 for t, t_prev in pairs[:-1])
+    for T, steps in ((10, 9), (1000, 7), (1000, 1000), (50, 1)):
+        ts = [t for t, _ in Diffusion(T).timestep_pairs(steps, "trailing")]
+        assert ts[0] == T - 1 and len(set(ts)) == steps and ts == sorted(ts, reverse=True) and ts[-1] >= 0

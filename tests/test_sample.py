@@ -6,6 +6,8 @@ import torch
 from PIL import Image
 
 import run
+import sample
+from ckpt import load_checkpoint
 
 
 def test_sample_writes_every_figure_with_the_right_size(trained):
@@ -29,3 +31,26 @@ def test_same_seed_same_images_and_another_seed_differs(workspace, tmp_path):
                          "--data-dir", workspace["data_dir"], "--device", "cpu", "--precision", "fp32"]) == 0
         images.append(torch.from_numpy(np.array(Image.open(os.path.join(out, "sample.png")))))
     assert torch.equal(images[0], images[1]) and not torch.equal(images[0], images[2])
+
+
+def test_the_class_prior_draws_each_digit_in_proportion():
+    prior = [0.05, 0.15, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]
+    sp = sample.Sampler("c.pt", {"class_prior": prior}, None, None, None, 2.0, (0, 999), torch.device("cpu"))
+    labels = sp.labels(20_000, seed=0)
+    share = torch.bincount(labels, minlength=10).double() / len(labels)
+    torch.testing.assert_close(share, torch.tensor(prior, dtype=torch.float64), atol=0.01, rtol=0)
+    assert torch.equal(labels, sp.labels(20_000, seed=0)) and not torch.equal(labels, sp.labels(20_000, seed=1))
+    assert torch.equal(sp.labels(5, 0, digit=7), torch.full((5,), 7))
+    assert sample.Sampler("c.pt", {}, None, None, None, 0.0, (0, 999), None).labels(5, 0) is None  # "no label"
+
+
+def test_a_labelled_run_records_its_class_prior(trained):
+    prior = load_checkpoint(trained["checkpoint"])["class_prior"]
+    assert prior == [7 / 64] * 4 + [6 / 64] * 6  # the synthetic set: 64 images, labels 0-9 in turn
+
+
+def test_digits_png_is_the_same_batch_sorted_by_digit():
+    x = torch.arange(12, dtype=torch.float32).view(12, 1, 1, 1).expand(12, 1, 28, 28)
+    labels = torch.tensor([3, 1, 3, 0, 3, 3, 1, 9, 9, 9, 9, 2])
+    rows = sample.by_digit(x, labels, per_row=3).view(10, 3, 1, 28, 28)[..., 0, 0, 0]
+    assert rows[3].tolist() == [0, 2, 4] and rows[1].tolist() == [1, 6, -1] and rows[5].tolist() == [-1] * 3

@@ -27,6 +27,23 @@ def test_each_objective_recovers_the_data_from_its_true_target(objective, steps,
     torch.testing.assert_close(x, x0, atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("objective", ["eps", "x0", "mean"])
+@pytest.mark.parametrize("solver", ["dpm2m", "dpm2m-sde"])
+def test_the_multistep_solvers_serve_every_objective(objective, solver):
+    d = Diffusion(100, objective=objective)
+    x0 = torch.rand(4, 1, 28, 28) * 2 - 1
+    x = d.sample(true_target(d, x0), x0.shape, steps=10, solver=solver, spacing="trailing",
+                 generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(x, x0, atol=1e-3, rtol=0)
+
+
+def test_heun_serves_an_x0_network_and_refuses_a_mean_one():
+    d, x0 = Diffusion(100, objective="x0"), torch.rand(4, 1, 28, 28) * 2 - 1
+    torch.testing.assert_close(d.sample(lambda x, t: x0, x0.shape, steps=5, solver="heun"), x0)
+    with pytest.raises(ValueError, match="heun solver needs an eps or x0 network"):
+        Diffusion(100, objective="mean").solver("heun", steps=5)
+
+
 def test_the_mean_objective_takes_its_own_ddpm_step():
     d = Diffusion(50, objective="mean")
     xt, mean, z = torch.randn(3, 3, 1, 28, 28).unbind(0)

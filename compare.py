@@ -3,11 +3,13 @@
     python compare.py budgets --minutes 5,20,45   # the default recipe at each budget: FID against minutes
     python compare.py variants --minutes 4         # what to predict, which loss, which network
 
-Each run lives in ROOT/NAME (its run folder and eval.json); a run whose eval.json is
-already there is reused, so an interrupted comparison picks up where it stopped. The table (markdown)
-and the figure go to --out-dir.
+Each run lives in ROOT/NAME (its run folder and eval.json). A run whose eval.json is already there is
+reused, and a run stopped mid-training is resumed, so an interrupted comparison picks up where it
+stopped. The table (markdown) and the figure go to --out-dir.
 """
 import argparse
+import dataclasses
+import glob
 import json
 import os
 import sys
@@ -48,7 +50,15 @@ def train_and_eval(root, name, minutes, given, n_samples, data_dir, device, amp)
     if os.path.exists(report):
         print(f"{name}: reusing {report}")
     else:
-        if train(TrainSettings(data_dir=data_dir, ckpt_dir=d, minutes=minutes, device=device, amp=amp), given) != 0:
+        settings = TrainSettings(data_dir=data_dir, ckpt_dir=d, minutes=minutes, device=device, amp=amp)
+        last = latest_checkpoint(d) if glob.glob(os.path.join(d, "run_*", "ckpt_*.pt")) else None
+        if last is None:
+            code = train(settings, given)
+        elif load_checkpoint(last)["elapsed"] < 60 * minutes:  # stopped before its budget: go on
+            code = train(dataclasses.replace(settings, resume=last))
+        else:
+            code = 0
+        if code != 0:
             sys.exit(f"error: training {name} failed")
         # The classifier cache stays in the default checkpoints/ folder, shared by every run.
         evaluate(SampleSettings(checkpoint=latest_checkpoint(d), out_dir=d, data_dir=data_dir, n_samples=n_samples,

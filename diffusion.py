@@ -19,12 +19,14 @@ OBJECTIVES = ("eps", "x0", "mean")
 LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
 SOLVERS = ("ddim", "dpm2m", "dpm2m-sde", "heun")  # DDPM is DDIM over every step with eta 1
 SPACINGS = ("linspace", "trailing")
+MIN_TIMESTEPS = 20  # scaled by 1000/T, the paper's last beta (0.02) exceeds 1 below 20 steps
 
 
 class Diffusion:
     def __init__(self, timesteps=1000, beta_start=1e-4, beta_end=0.02, objective="eps", loss="mse"):
-        if timesteps < 1:
-            raise ValueError("timesteps must be positive")
+        if timesteps < 1 or 1000 / timesteps * beta_end > 1 + 1e-9:
+            raise ValueError(f"timesteps must be at least {1000 * beta_end:g}: the betas, scaled by 1000/T, "
+                             f"would exceed 1")
         if objective not in OBJECTIVES or loss not in LOSSES:
             raise ValueError(f"objective must be one of {OBJECTIVES} and loss one of {tuple(LOSSES)}")
         self.timesteps, self.objective, self.loss_type = timesteps, objective, loss
@@ -128,11 +130,12 @@ class Diffusion:
         The general rule is eq. (12) of DDIM on the predicted x_0: eta=0 is deterministic DDIM; eta=1 over
         consecutive steps is the DDPM ancestral step with the posterior variance beta-tilde. A network
         that predicts the posterior mean takes the DDPM step with its own output instead, eq. (11) of
-        DDPM with mu_theta given: x_{t-1} = mu_theta + sigma_t z.
+        DDPM with mu_theta given: x_{t-1} = mu_theta + sigma_t z; its last step returns the clipped x_0, as
+        every other path does.
         """
         ab = self._alpha_bar[t]
         ab_prev = self._alpha_bar[t_prev] if t_prev >= 0 else 1.0
-        if self.objective == "mean" and t_prev == t - 1 and eta == 1:
+        if self.objective == "mean" and t_prev == t - 1 and eta == 1 and t_prev >= 0:
             var = self.posterior_var[t].item()
             x_prev = out + var ** 0.5 * noise if var > 0 else out
             return x_prev, self.predict_x0(out, xt, t)

@@ -217,14 +217,16 @@ def evaluate(s, cache_dir):
               **sp.plan.kwargs(), "n": n, "seed": s.seed, "sampling_seconds": round(seconds, 1),
               "classifier_accuracy": judge.accuracy, "guidance": sp.guidance}
     if asked is not None:  # how often each digit is drawn as asked
-        per_digit = [(drawn[asked == d] == d).double().mean().item() for d in range(10)]
+        per_digit = [(drawn[asked == d] == d).double().mean().item() if (asked == d).any() else None
+                     for d in range(10)]  # None: the class prior never asked for that digit (tiny N)
         result.update(as_asked=per_digit, interval=list(sp.interval))
     print(f"{n} samples in {seconds:.1f} s; classifier test accuracy {judge.accuracy:.2%}; "
           f"'real' is {n} training images, the floor at this N")
     print(table(rows))
     if asked is not None:
         print("samples classified as the digit asked for: "
-              + " ".join(f"{d}:{a:.1%}" for d, a in enumerate(per_digit)) + f"; worst {min(per_digit):.1%}")
+              + " ".join(f"{d}:{a:.1%}" for d, a in enumerate(per_digit) if a is not None)
+              + f"; worst {min(a for a in per_digit if a is not None):.1%}")
     result.update(rows)
     make_folder(s.out_dir, "--out-dir")
     out = os.path.join(s.out_dir, "eval.json")

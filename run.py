@@ -12,7 +12,7 @@ import math
 import sys
 
 from ckpt import fmt, latest_checkpoint
-from diffusion import LOSSES, OBJECTIVES
+from diffusion import LOSSES, MIN_TIMESTEPS, OBJECTIVES
 from errors import UserError
 from evaluate import evaluate
 from hardware import pick_hardware
@@ -28,6 +28,14 @@ SAMPLING_FLAGS = ("n_samples", "sampler", "steps", "eta", "churn", "sample_seed"
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UserError(f"{message} (see python run.py --help)")
+
+
+def timestep_count(s):
+    v = positive_int(s)
+    if v < MIN_TIMESTEPS:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_TIMESTEPS} (below that the betas, scaled by 1000/T, "
+                                         f"would exceed 1), got {s!r}")
+    return v
 
 
 def positive_int(s):
@@ -55,6 +63,7 @@ def number_type(ok, what):
 
 positive_float = number_type(lambda v: v > 0 and math.isfinite(v), "a positive number")
 fraction = number_type(lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1")
+decay_rate = number_type(lambda v: 0 < v < 1, "a number between 0 and 1, like 0.999")
 guidance_weight = number_type(lambda v: 0 <= v <= 100, "a number from 0 to 100 (1 = plain conditional)")
 
 
@@ -108,15 +117,18 @@ def build_parser():
                    help=f"total epochs of the run (default {DEFAULT_EPOCHS}, or no limit with --minutes)")
     g.add_argument("--minutes", type=positive_float, metavar="M",
                    help="wall-clock budget of the run in minutes, kept across --resume; with --epochs, "
-                        "whichever ends first. The lr schedule and the end of training follow the budget")
+                        "whichever ends first. The lr schedule and the end of training follow the budget; "
+                        "extending a run with --resume stretches the cosine over the new budget, so the lr "
+                        "rises again")
     g.add_argument("--batch-size", type=positive_int, metavar="N", help=f"default {D['batch_size']}")
     g.add_argument("--lr", type=positive_float, help=f"AdamW learning rate (default {D['lr']})")
     g.add_argument("--warmup", type=positive_int, metavar="N", help=f"steps of linear lr warm-up (default {D['warmup']})")
     g.add_argument("--schedule", choices=["cosine", "constant"],
                    help=f"lr after warm-up: cosine decay to 0 at the end of the budget, or constant "
                         f"(default {D['schedule']})")
-    g.add_argument("--ema-decay", type=positive_float, metavar="D",
-                   help=f"EMA decay, approached as (1+n)/(10+n) (default {D['ema_decay']})")
+    g.add_argument("--ema-decay", type=decay_rate, metavar="D",
+                   help=f"EMA decay cap: after n updates the decay is min(D, (1+n)/(10+n)), which reaches D only "
+                        f"after (10D-1)/(1-D) updates (8,991 for 0.999) (default {D['ema_decay']})")
     g.add_argument("--seed", type=int, help=f"initialisation, data order and noise (default {D['seed']})")
     g.add_argument("--arch", choices=["unet", "mlp"],
                    help="the network: a residual conv U-Net, or an MLP over the flattened image (default unet)")
@@ -126,7 +138,7 @@ def build_parser():
                    help="what the network predicts: the noise eps (DDPM), the clean image x0, or the posterior "
                         "mean of x_{t-1} (default eps)")
     g.add_argument("--loss", choices=list(LOSSES), help="the regression loss on that target (default mse)")
-    g.add_argument("--timesteps", type=positive_int, metavar="T", help=f"diffusion steps (default {D['timesteps']})")
+    g.add_argument("--timesteps", type=timestep_count, metavar="T", help=f"diffusion steps (default {D['timesteps']})")
     g.add_argument("--channels", type=channel_list, metavar="A,B,C",
                    help=f"U-Net widths at 28, 14 and 7 pixels (default {fmt(D['channels'])})")
     g.add_argument("--blocks", type=int_list, metavar="A,B,C",

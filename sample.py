@@ -28,6 +28,7 @@ from model import build_network
 DEFAULT_GUIDANCE = 2.0  # classifier-free guidance weight W; 1 is plain conditional, 0 unconditional
 DEFAULT_INTERVAL = (0, 10_000)  # guidance applies where lo <= t <= hi (Kynkaanniemi et al. 2024)
 SAMPLERS = ("ddpm", "ddim", "dpm2m", "dpm2m-sde", "heun")
+BATCH = 500  # images per sampling batch: memory stays bounded whatever --n-samples asks for
 
 
 @dataclass
@@ -121,7 +122,7 @@ def denoiser(model, device, amp, interval=DEFAULT_INTERVAL):
     return denoise
 
 
-def generate(denoise, diffusion, n, plan, device, seed, labels=None, guidance=1.0, batch_size=500,
+def generate(denoise, diffusion, n, plan, device, seed, labels=None, guidance=1.0, batch_size=BATCH,
              desc="sampling"):
     """n final samples (n, 1, 28, 28) on the CPU, drawn in batches, for labels (n,) or unconditionally;
     the same seed gives the same images."""
@@ -245,14 +246,15 @@ def by_digit(x, labels, per_row):
 
 def draw_with_frames(sp, n, labels, seed):
     """One sampling run that gives the grid, the strips and the animation: n final images, and a few frames
-    of a few of them. Returns (images, strip frames, strip labels, animation frames, seconds)."""
+    of a few of the first batch. Returns (images, strip frames, strip labels, animation frames, seconds)."""
+    n, rest = min(n, BATCH), n - min(n, BATCH)
     n_strip, n_anim, steps = min(6, n), min(64, n), sp.plan.steps
     strip_at = set(torch.linspace(0, steps, min(12, steps + 1)).round().long().tolist())
     anim_at = set(torch.linspace(0, steps, min(40, steps + 1)).round().long().tolist())
     noise = torch.randn((n, 1, 28, 28), generator=torch.Generator().manual_seed(seed))
     strip, names, anim = [noise[:n_strip]], ["noise"], [noise[:n_anim]]
     t0 = time.time()
-    y = None if labels is None else labels.to(sp.device)
+    y = None if labels is None else labels[:n].to(sp.device)
     model = lambda x, t: sp.denoise(x, t, y, sp.guidance)  # noqa: E731
     loop = sp.diffusion.sample_loop(model, noise.shape, device=sp.device, noise=noise,
                                     generator=torch.Generator().manual_seed(seed + 1), **sp.plan.kwargs())
@@ -262,7 +264,10 @@ def draw_with_frames(sp, n, labels, seed):
             names.append(f"t={t}" if t >= 0 else "x0")
         if k in anim_at:
             anim.append(x[:n_anim].cpu())
-    return x.cpu(), torch.stack(strip), names, torch.stack(anim), time.time() - t0
+    x = x.cpu()
+    if rest:  # the others in batches too, as eval draws them
+        x = torch.cat([x, sp.generate(rest, seed + 4, labels=None if labels is None else labels[n:])])
+    return x, torch.stack(strip), names, torch.stack(anim), time.time() - t0
 
 
 def forward_figure(diffusion, data_dir, seed):

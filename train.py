@@ -103,11 +103,12 @@ def network_config(cfg, num_classes):
 
 
 def ema_update(decay):
-    """EMA with warm-up: the decay grows as (1 + n) / (10 + n) towards its set value."""
+    """EMA with warm-up: after n updates the decay is min(decay, (1 + n) / (10 + n)). Computed on the device
+    from AveragedModel's update count and applied as one fused lerp: no host sync in the training step."""
+    @torch.no_grad()
     def update(ema_params, params, num_averaged):
-        d = min(decay, (1 + float(num_averaged)) / (10 + float(num_averaged)))
-        for e, p in zip(ema_params, params):
-            e.lerp_(p.detach(), 1 - d)
+        n = num_averaged.to(ema_params[0].dtype)
+        torch._foreach_lerp_(ema_params, params, 1 - torch.clamp((1 + n) / (10 + n), max=decay))
     return update
 
 
@@ -200,6 +201,8 @@ class Trainer:
             self.ema.n_averaged.fill_(ckpt["ema_updates"])
             self.opt.load_state_dict(ckpt["optimizer"])
             self.epoch, self.batch, self.step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
+            if self.batch >= self.n_batches:  # saved by a Ctrl-C in an epoch's last step before that closed it
+                self.epoch, self.batch = self.epoch + 1, 0
             self.history, self.log, elapsed = ckpt["history"], ckpt["log"], ckpt.get("elapsed", 0.0)
             set_rng_state(ckpt["rng"], self.device)
             self.run_dir = os.path.dirname(settings.resume)
@@ -228,7 +231,10 @@ class Trainer:
             while self.progress() < 1:
                 loss, count, seconds = self.run_epoch(stop)
                 if stop.requested:
-                    self.save()
+                    if self.batch < self.n_batches:
+                        self.save()
+                    else:  # Ctrl-C in the epoch's last step: the epoch is complete, so close it as usual
+                        self.end_epoch(loss, count, seconds)
                     print(f"stopped at epoch {self.epoch + 1}, batch {self.batch}/{self.n_batches} (step "
                           f"{self.step}); continue with --resume")
                     return 130
@@ -298,10 +304,14 @@ class Trainer:
         return True
 
     def quick_eval(self):
-        """FID and friends of 500 DDIM-20 samples of the EMA network, into the epoch's log row."""
-        denoise = sample.denoiser(self.ema.module, self.device, self.amp)
+        """FID and friends of 500 DDIM-20 samples of the EMA network, drawn as the sample mode draws (digits
+        from the class prior at the default guidance for a labelled run), into the epoch's log row."""
         plan = sample.Plan("ddim", min(20, self.cfg["timesteps"]), "linspace", eta=1.0)
-        fake = sample.generate(denoise, self.diffusion, 500, plan, self.device, seed=0, desc="quick eval")
+        sp = sample.Sampler(self.run_dir, {"class_prior": self.class_prior}, self.diffusion,
+                            sample.denoiser(self.ema.module, self.device, self.amp), plan,
+                            sample.DEFAULT_GUIDANCE if self.cfg["conditional"] else None, sample.DEFAULT_INTERVAL,
+                            self.device)
+        fake = sp.generate(500, 0, labels=sp.labels(500, 0), desc="quick eval")
         quick, _ = self.judge(fake)
         self.log[-1].update({k: quick[k] for k in ("fid", "precision", "recall", "confident", "entropy")})
         tqdm.write(f"epoch {self.epoch}: FID {quick['fid']:.3f}, precision {quick['precision']:.3f}, recall "

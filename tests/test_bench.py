@@ -22,7 +22,8 @@ def test_bench_reports_every_figure(tmp_path):
     for precision in timed:
         row = result[precision]
         assert row["matmul_gflops"] > 0 and row["train_images_per_s"] > 0 and row["sample_image_steps_per_s"] > 0
-        assert row["train_fraction_of_matmul"] == row["train_gflops"] / row["matmul_gflops"]
+        # Counted FLOPs at the measured rate cannot much exceed the device's own matmul rate.
+        assert 0 < row["train_fraction_of_matmul"] < 1.5 and 0 < row["sample_fraction_of_matmul"] < 1.5
 
 
 def test_precisions_to_time():

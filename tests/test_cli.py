@@ -49,6 +49,8 @@ def args(workspace, *argv):
     (["--mode", "train", "--epochs", "-3"], "--epochs: must be a positive integer"),
     (["--mode", "train", "--batch-size", "0"], "--batch-size: must be a positive integer"),
     (["--mode", "train", "--timesteps", "0"], "--timesteps: must be a positive integer"),
+    (["--mode", "train", "--timesteps", "19"], "--timesteps: must be at least 20"),
+    (["--mode", "train", "--ema-decay", "1"], "--ema-decay: must be a number between 0 and 1"),
     (["--mode", "train", "--lr", "nan"], "--lr: must be a positive number"),
     (["--mode", "train", "--channels", "8,16"], "--channels: must be three positive integers"),
     (["--mode", "train", "--channels", "8,12,16"], "--channels: must be three multiples of 8"),

@@ -9,11 +9,11 @@ import torch
 from diffusion import Diffusion, DPMSolverPP, Heun
 
 
-@pytest.mark.parametrize("T", [1000, 200, 50, 10])
+@pytest.mark.parametrize("T", [1000, 200, 50, 20])
 def test_schedule_is_increasing_and_ends_near_pure_noise(T):
     d = Diffusion(T)
     assert d.betas.dtype == torch.float32 and d.betas.shape == (T,)
-    assert (d.betas[1:] > d.betas[:-1]).all() or T == 10  # T=10 hits the 0.999 cap at the end
+    assert (d.betas[1:] > d.betas[:-1]).all() or T == 20  # T=20: the last beta, 1.0, is capped at 0.999
     assert (d.betas > 0).all() and (d.betas < 1).all()
     assert (d.alpha_bar[1:] < d.alpha_bar[:-1]).all()
     assert d.alpha_bar[-1] < 1e-3, "x_T must be (almost) pure noise, whatever T is"
@@ -191,6 +191,45 @@ def test_trailing_spacing_starts_at_the_last_timestep_and_spends_no_call_at_t0()
     pairs = d.timestep_pairs(20, "trailing")
     assert pairs[0][0] == 999 and pairs[-1] == (49, -1) and len(pairs) == 20
     assert all(t - t_prev == 50 for t, t_prev in pairs[:-1])
-    for T, steps in ((10, 9), (1000, 7), (1000, 1000), (50, 1)):
+    for T, steps in ((20, 19), (30, 29), (1000, 7), (1000, 1000), (50, 1)):
         ts = [t for t, _ in Diffusion(T).timestep_pairs(steps, "trailing")]
         assert ts[0] == T - 1 and len(set(ts)) == steps and ts == sorted(ts, reverse=True) and ts[-1] >= 0
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("t,t_prev", [(999, 949), (500, 300), (60, 0), (20, -1)])
+def test_each_strided_step_is_the_closed_form_ddim_update(t, t_prev, eta):
+    """Eq. (12) of Song et al. written out in float64 from the schedule, against the step function, one step at
+    a time (not only the end of a trajectory, which an exact predictor would reach whatever came before)."""
+    d = Diffusion(1000)
+    xt, eps, z = torch.randn(3, 2, 1, 28, 28, generator=torch.Generator().manual_seed(t)).double().unbind(0)
+    ab = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    a_t, a_p = ab[t], ab[t_prev] if t_prev >= 0 else torch.tensor(1.0, dtype=torch.float64)
+    x0 = ((xt - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)  # "predicted x0", clipped
+    eps_hat = (xt - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+    sigma = eta * ((1 - a_p) / (1 - a_t) * (1 - a_t / a_p)).sqrt()  # eq. (16)
+    expected = a_p.sqrt() * x0 + (1 - a_p - sigma ** 2).clamp(min=0).sqrt() * eps_hat + sigma * z
+    x_prev, x0_out = d.step(eps.float(), xt.float(), t, t_prev, eta, z.float())
+    torch.testing.assert_close(x_prev, expected.float(), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(x0_out, x0.float(), atol=2e-5, rtol=1e-4)
+
+
+def test_a_posterior_mean_converts_to_its_x0_by_eq_7():
+    """mean = c0 x0 + ct x_t with c0 = beta_t sqrt(ab_{t-1}) / (1 - ab_t), ct = (1 - ab_{t-1}) sqrt(alpha_t) / (1 - ab_t)."""
+    d = Diffusion(1000, objective="mean")
+    x0 = torch.rand(2, 1, 28, 28, dtype=torch.float64) * 1.6 - 0.8
+    xt = torch.randn(2, 1, 28, 28, dtype=torch.float64)
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    ab = torch.cumprod(1 - betas, 0)
+    for t in (999, 300, 1):
+        c0 = betas[t] * ab[t - 1].sqrt() / (1 - ab[t])
+        ct = (1 - ab[t - 1]) * (1 - betas[t]).sqrt() / (1 - ab[t])
+        mean = c0 * x0 + ct * xt
+        torch.testing.assert_close(d.predict_x0(mean, xt, t), x0, atol=1e-6 / c0.item(), rtol=0)
+
+
+def test_the_mean_objectives_last_ancestral_step_returns_the_clipped_x0():
+    d = Diffusion(50, objective="mean")
+    xt, out = torch.randn(2, 2, 1, 28, 28).unbind(0)
+    x, x0 = d.step(out * 5, xt, 0, -1, 1.0, None)
+    assert torch.equal(x, x0) and x.abs().max() <= 1

@@ -112,3 +112,23 @@ def test_eval_every_adds_quality_to_the_training_log(workspace):
                      "--data-dir", workspace["data_dir"], "--ckpt-dir", workspace["ckpt_dir"], *TINY]) == 0
     log = load_checkpoint(latest_checkpoint(workspace["ckpt_dir"]))["log"]
     assert "fid" not in log[0] and log[1]["fid"] > 0 and 0 <= log[1]["confident"] <= 1
+
+
+@pytest.mark.parametrize("follows", [True, False])
+def test_as_asked_scores_how_often_the_drawn_digit_is_the_one_asked_for(workspace, monkeypatch, follows):
+    """A classifier that sees exactly the digits asked for scores 100% on every digit; a model that ignores
+    the labels (here: everything reads as a 3) scores 0% on every digit but 3."""
+    asked, real_labels, real_call = [], sample.Sampler.labels, evaluate.Judge.__call__
+    monkeypatch.setattr(sample.Sampler, "labels", lambda self, *a, **k: asked.append(real_labels(self, *a, **k))
+                        or asked[-1])
+
+    def judge(self, images, seed=0):
+        metrics, _ = real_call(self, images, seed)
+        return metrics, asked[-1].clone() if follows else torch.full((len(images),), 3)
+    monkeypatch.setattr(evaluate.Judge, "__call__", judge)
+    out = workspace["out_dir"]
+    assert run.main(["--mode", "eval", "--n-samples", "200", "--steps", "2", "--data-dir", workspace["data_dir"],
+                     "--ckpt-dir", workspace["ckpt_dir"], "--out-dir", out, "--device", "cpu",
+                     "--precision", "fp32"]) == 0
+    report = json.load(open(os.path.join(out, "eval.json")))
+    assert report["as_asked"] == ([1.0] * 10 if follows else [0.0] * 3 + [1.0] + [0.0] * 6)

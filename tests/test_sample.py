@@ -8,6 +8,7 @@ from PIL import Image
 import run
 import sample
 from ckpt import load_checkpoint
+from diffusion import Diffusion
 
 
 def test_sample_writes_every_figure_with_the_right_size(trained):
@@ -54,3 +55,18 @@ def test_digits_png_is_the_same_batch_sorted_by_digit():
     labels = torch.tensor([3, 1, 3, 0, 3, 3, 1, 9, 9, 9, 9, 2])
     rows = sample.by_digit(x, labels, per_row=3).view(10, 3, 1, 28, 28)[..., 0, 0, 0]
     assert rows[3].tolist() == [0, 2, 4] and rows[1].tolist() == [1, 6, -1] and rows[5].tolist() == [-1] * 3
+
+
+def test_many_samples_are_drawn_in_batches(workspace, tmp_path, monkeypatch):
+    """--n-samples beyond one batch: the first batch gives the strips and animation, the rest follow in batches,
+    so memory stays that of one batch."""
+    monkeypatch.setattr(sample, "BATCH", 4)
+    shapes, real_loop = [], Diffusion.sample_loop
+    monkeypatch.setattr(Diffusion, "sample_loop", lambda self, model, shape, **kw: shapes.append(shape[0])
+                        or real_loop(self, model, shape, **kw))
+    out = str(tmp_path / "many")
+    assert run.main(["--mode", "sample", "--checkpoint", workspace["checkpoint"], "--out-dir", out, "--n-samples",
+                     "9", "--steps", "2", "--data-dir", workspace["data_dir"], "--device", "cpu",
+                     "--precision", "fp32"]) == 0
+    assert shapes == [4, 5]  # 4 with frames, then the other 5 (generate's own batches hold up to 500)
+    assert Image.open(os.path.join(out, "sample.png")).size == (92, 92)  # 9 images, 3 x 3

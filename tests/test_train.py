@@ -2,6 +2,7 @@
 import argparse
 import dataclasses
 import json
+import math
 import os
 import signal
 
@@ -15,7 +16,7 @@ import train as training
 from ckpt import latest_checkpoint, load_checkpoint
 from conftest import TINY
 from diffusion import Diffusion
-from model import UNet, UNetConfig
+from model import UNet, UNetConfig, build_network
 
 
 def test_loss_falls_when_overfitting_a_handful_of_images(mnist_root):
@@ -85,9 +86,11 @@ def test_resume_continues_the_step_count_in_the_same_run(workspace):
     assert [r["epoch"] for r in ckpt["log"]] == [1, 2]
 
 
-def test_resume_is_exact(workspace, tmp_path, monkeypatch):
-    """Eight steps straight, or six, a Ctrl-C, a resume and two more: bit-identical weights, EMA, optimizer
-    state and the same batches in the same order (the lr schedule spans the whole budget in both)."""
+@pytest.mark.parametrize("stop_at", [6, 4])  # mid-epoch, and the last step of epoch 1 (4 batches an epoch)
+def test_resume_is_exact(workspace, tmp_path, monkeypatch, stop_at):
+    """Eight steps straight, or a Ctrl-C at step stop_at, a resume and the rest: bit-identical weights, EMA,
+    optimizer state, the same batches in the same order (the lr schedule spans the whole budget in both) and
+    one log row per epoch."""
     seen, real_step = [], training.train_step
 
     def recording_step(diffusion, model, ema, opt, x0, *rest):
@@ -100,15 +103,17 @@ def test_resume_is_exact(workspace, tmp_path, monkeypatch):
     interrupt_at, straight = None, dict(workspace, ckpt_dir=str(tmp_path / "straight"))
     assert train(straight, "--epochs", "2") == 0
     batches_straight, seen[:] = list(seen), []
-    interrupt_at, parts = 6, dict(workspace, ckpt_dir=str(tmp_path / "parts"))
+    interrupt_at, parts = stop_at, dict(workspace, ckpt_dir=str(tmp_path / "parts"))
     assert train(parts, "--epochs", "2") == 130
-    assert load_checkpoint(latest_checkpoint(parts["ckpt_dir"]))["step"] == 6
+    stopped = load_checkpoint(latest_checkpoint(parts["ckpt_dir"]))
+    assert (stopped["step"], stopped["epoch"], stopped["batch"]) == (stop_at, stop_at // 4, stop_at % 4)
     interrupt_at = None
     assert train(parts, "--resume") == 0
     assert len(seen) == 8 and all(torch.equal(a, b) for a, b in zip(batches_straight, seen))
     a = load_checkpoint(latest_checkpoint(straight["ckpt_dir"]))
     b = load_checkpoint(latest_checkpoint(parts["ckpt_dir"]))
     assert a["step"] == b["step"] == 8
+    assert [r["epoch"] for r in a["log"]] == [r["epoch"] for r in b["log"]] == [1, 2]
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
@@ -169,3 +174,49 @@ def test_a_minutes_budget_ends_the_run_saves_and_survives_resume(workspace, tmp_
     second = load_checkpoint(latest_checkpoint(ckpt_dir))
     assert second["elapsed"] >= 0.6 and second["step"] > first["step"] and second["budget"]["minutes"] == 0.01
     assert len(os.listdir(ckpt_dir)) == 2  # .lock and run_001
+
+
+def test_the_ema_follows_its_formula_with_the_warm_up():
+    """After the first update copies the weights, update n blends with weight 1 - min(D, (1+n)/(10+n))."""
+    model, ema, _ = training.make_trainable({"arch": "mlp", "width": 8, "depth": 1}, dict(training.DEFAULTS,
+                                            ema_decay=0.5), torch.device("cpu"))
+    p, e = next(model.parameters()), next(ema.module.parameters())
+    expected = None
+    for n, value in enumerate([1.0, 3.0, -2.0, 5.0]):
+        with torch.no_grad():
+            p.fill_(value)
+        ema.update_parameters(model)
+        decay = min(0.5, (1 + n) / (10 + n))  # 0.1, 0.18, 0.25, 0.31 (n = 0 is the copy)
+        expected = value if n == 0 else decay * expected + (1 - decay) * value
+        assert e.flatten()[0].item() == pytest.approx(expected, rel=1e-6)
+    assert int(ema.n_averaged) == 4
+
+
+def test_sampling_draws_with_the_ema_weights_not_the_raw_ones(workspace):
+    import sample
+    ckpt = load_checkpoint(workspace["checkpoint"])
+    raw, ema = (build_network(ckpt["model_config"]) for _ in range(2))
+    raw.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    sp = sample.load_sampler(sample.SampleSettings(checkpoint=workspace["checkpoint"]))
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([3, 15])
+    with torch.no_grad():
+        assert not torch.allclose(raw(x, t), ema(x, t))  # one epoch of 4 steps: the two differ
+        torch.testing.assert_close(sp.denoise(x, t), ema(x, t))
+
+
+def test_bf16_training_gives_a_finite_falling_loss(mnist_root):
+    """The default precision on CPUs and GPUs with native bf16: autocast around the network only."""
+    torch.manual_seed(0)
+    x0 = data.to_model_range(data.load_mnist(mnist_root)[0][:8])
+    cfg = dict(training.DEFAULTS, lr=3e-3, warmup=1)
+    model, ema, opt = training.make_trainable(
+        {"arch": "unet", "channels": (8, 16, 32), "blocks": (1, 1, 1), "groups": 8, "num_classes": 0}, cfg,
+        torch.device("cpu"))
+    d = Diffusion(100)
+    losses = [training.train_step(d, model, ema, opt, x0, None, torch.device("cpu"), torch.bfloat16).item()
+              for _ in range(60)]
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x0, torch.zeros(8, dtype=torch.long)).dtype == torch.float32  # the output head runs in fp32

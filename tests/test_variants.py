@@ -73,7 +73,7 @@ def test_the_mlp_has_about_the_unets_parameters_and_sees_the_timestep():
 
 @pytest.mark.parametrize("flags", [["--objective", "mean", "--loss", "l1"],
                                    ["--arch", "mlp", "--width", "32", "--depth", "2", "--objective", "x0"]])
-def test_a_checkpoint_records_and_restores_objective_loss_and_network(tmp_path, mnist_root, flags):
+def test_a_checkpoint_records_and_restores_objective_loss_and_network(tmp_path, mnist_root, flags, monkeypatch):
     tiny = [f for f in TINY]
     if "mlp" in flags:  # the U-Net's shape flags do not apply to the MLP
         for flag in ("--channels", "--blocks"):
@@ -96,6 +96,9 @@ def test_a_checkpoint_records_and_restores_objective_loss_and_network(tmp_path, 
     assert run.main(["--mode", "train", "--resume", "--epochs", "2", "--data-dir", mnist_root,
                      "--ckpt-dir", ckpt_dir, "--device", "cpu", "--precision", "fp32"]) == 0
     assert load_checkpoint(latest_checkpoint(ckpt_dir))["diffusion_config"]["objective"] == objective
+    applied, real_predict = set(), Diffusion.predict_x0
+    monkeypatch.setattr(Diffusion, "predict_x0", lambda self, *a: applied.add(self.objective) or real_predict(self, *a))
     assert run.main(["--mode", "sample", "--ckpt-dir", ckpt_dir, "--out-dir", str(tmp_path / "gen"),
                      "--n-samples", "4", "--steps", "3", "--data-dir", mnist_root, "--device", "cpu",
                      "--precision", "fp32"]) == 0
+    assert applied == {objective}  # the sampler turned the network's output into x0 as the checkpoint says

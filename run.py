@@ -17,7 +17,7 @@ from errors import UserError
 from evaluate import evaluate
 from hardware import pick_hardware
 from model import UNetConfig
-from sample import DEFAULT_GUIDANCE, DEFAULT_INTERVAL, SAMPLERS, SampleSettings, sample
+from sample import DEFAULT_GUIDANCE, DEFAULT_INTERVAL, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, SampleSettings, sample
 from train import DEFAULT_EPOCHS, DEFAULTS, TrainSettings, train
 
 # Flags a mode would ignore are refused rather than silently dropped.
@@ -158,8 +158,9 @@ def build_parser():
     g.add_argument("--sampler", choices=SAMPLERS,
                    help="ddpm: ancestral, all T steps; ddim: --steps evenly spaced steps; dpm2m, dpm2m-sde: "
                         "DPM-Solver++(2M) and its SDE form; heun: EDM's Heun, 2 network calls a step, with "
-                        "--churn (default ddim)")
-    g.add_argument("--steps", type=positive_int, metavar="N", help="solver steps (default 50)")
+                        f"--churn (default {DEFAULT_SAMPLER})")
+    g.add_argument("--steps", type=positive_int, metavar="N",
+                   help="solver steps (default " + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
     g.add_argument("--eta", type=float, help="DDIM noise (Song et al. eq. 16): 0 is deterministic DDIM, 1 the "
                                              "ancestral step; default 1, measured best here (README)")
     g.add_argument("--churn", type=float, metavar="S", help="heun: EDM's S_churn, noise added back each step "
@@ -199,7 +200,7 @@ def train_mode(args, device, amp):
 
 def sample_settings(args, device, amp):
     return SampleSettings(checkpoint=args.checkpoint or latest_checkpoint(args.ckpt_dir), out_dir=args.out_dir,
-                          data_dir=args.data_dir, n_samples=args.n_samples, sampler=args.sampler or "ddim",
+                          data_dir=args.data_dir, n_samples=args.n_samples, sampler=args.sampler or DEFAULT_SAMPLER,
                           steps=args.steps, eta=args.eta, churn=args.churn, seed=args.sample_seed or 0,
                           digit=args.digit, guidance=args.guidance, interval=args.interval, device=device, amp=amp,
                           compile=args.compile)

@@ -28,6 +28,9 @@ from model import build_network
 DEFAULT_GUIDANCE = 2.0  # classifier-free guidance weight W; 1 is plain conditional, 0 unconditional
 DEFAULT_INTERVAL = (0, 10_000)  # guidance applies where lo <= t <= hi (Kynkaanniemi et al. 2024)
 SAMPLERS = ("ddpm", "ddim", "dpm2m", "dpm2m-sde", "heun")
+DEFAULT_SAMPLER = "ddim"
+# Steps when --steps is not given: each solver's at about DDIM-50's quality here (docs/sampling.md).
+DEFAULT_STEPS = {"ddim": 50, "dpm2m": 20, "dpm2m-sde": 20, "heun": 10}
 BATCH = 500  # images per sampling batch: memory stays bounded whatever --n-samples asks for
 
 
@@ -38,8 +41,8 @@ class SampleSettings:
     out_dir: str = "gen"
     data_dir: str = "dataset/mnist"  # real digits for forward.png (and eval's reference)
     n_samples: Optional[int] = None  # sample 256, eval 1000
-    sampler: str = "ddim"  # one of SAMPLERS
-    steps: Optional[int] = None  # solver steps, default 50
+    sampler: str = DEFAULT_SAMPLER  # one of SAMPLERS
+    steps: Optional[int] = None  # solver steps, default DEFAULT_STEPS[sampler]
     eta: Optional[float] = None  # DDIM noise, default 1
     churn: Optional[float] = None  # Heun's S_churn, default 0
     seed: int = 0
@@ -80,7 +83,7 @@ def sampler_plan(sampler, steps, eta, churn, timesteps):
             raise UserError(f"--sampler ddpm always runs all {timesteps} steps; use --sampler ddim for --steps")
         return Plan("ddim", timesteps, "linspace", eta=1.0)
     elif sampler in SAMPLERS:
-        steps = steps or min(50, timesteps)
+        steps = steps or min(DEFAULT_STEPS[sampler], timesteps)
         if steps > timesteps:
             raise UserError(f"--steps {steps} exceeds the checkpoint's {timesteps} timesteps")
         if eta is not None and not 0 <= eta <= 1:

@@ -110,9 +110,10 @@ def denoiser(model, device, amp, interval=DEFAULT_INTERVAL):
     """
     no_label = model.cfg.num_classes  # the "no label" entry (a compiled model passes cfg through)
     lo, hi = interval
+    limited = tuple(interval) != DEFAULT_INTERVAL  # only then read t back (a host sync on a GPU)
 
     def denoise(x, t, y=None, w=1.0):
-        if w not in (0, 1) and not lo <= float(t[0]) <= hi:
+        if limited and w not in (0, 1) and not lo <= float(t[0]) <= hi:
             w = 1.0  # outside the interval: conditional, one network call
         with autocast(device, amp):
             if y is None or w == 0:

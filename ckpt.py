@@ -16,7 +16,7 @@ from errors import UserError
 FORMAT = "mnist-ddpm/1"  # written into every checkpoint, checked on load
 # Settings added after the first checkpoints, with what those earlier runs trained with.
 ADDED_SETTINGS = dict(conditional=False, label_dropout=0.0, schedule="constant", arch="unet", objective="eps",
-                      loss="mse")
+                      loss="mse", ema_length=None, weighting="uniform", attention=False)
 
 
 def write_atomic(path, write):
@@ -167,9 +167,11 @@ def reconcile(given, defaults, ckpt=None, path=None):
         cfg[key] = value
     if not cfg["conditional"] and given.get("label_dropout") is not None:
         raise UserError("--label-dropout needs labels; drop it or drop --unconditional")
-    other = {"unet": ("width", "depth"), "mlp": ("channels", "blocks")}[cfg["arch"]]
+    if given.get("ema_length") is not None and given.get("ema_decay") is not None:
+        raise UserError("--ema-length replaces --ema-decay's EMA; give one of them")
+    other = {"unet": ("width", "depth"), "mlp": ("channels", "blocks", "attention")}[cfg["arch"]]
     for key in other:
         if given.get(key) is not None:
-            raise UserError(f"--{key} does not apply to --arch {cfg['arch']}; drop it (--channels and --blocks "
-                            f"shape the U-Net, --width and --depth the MLP)")
+            raise UserError(f"--{key} does not apply to --arch {cfg['arch']}; drop it (--channels, --blocks and "
+                            f"--attention shape the U-Net, --width and --depth the MLP)")
     return cfg

@@ -1,7 +1,14 @@
-"""Train several runs for a time budget each, evaluate them the same way, and tabulate and plot the results.
+"""Train several runs for a budget each, evaluate them the same way, and tabulate and plot the results.
 
     python compare.py budgets --minutes 5,20,45   # the default recipe at each budget: FID against minutes
     python compare.py variants --minutes 4         # what to predict, which loss, which network
+    python compare.py speeds                       # training images/s of each recipe lever on this machine
+    python compare.py recipe --train-steps 3946 --speeds gen/speeds.json --seeds 0,1   # issue 16's levers
+    python compare.py samplers --checkpoint PATH --seeds 0,1   # solvers and guidance on one checkpoint
+
+A budget is --minutes of this machine's time, or --train-steps: the recipe screen gives each lever the
+steps that match the default's in CPU time (from `speeds`), so a faster machine can run the search for
+a slower one.
 
 Each run lives in ROOT/NAME (its run folder and eval.json). A run whose eval.json is already there is
 reused, and a run stopped mid-training is resumed, so an interrupted comparison picks up where it
@@ -12,19 +19,21 @@ import dataclasses
 import glob
 import json
 import os
+import statistics
 import sys
+import time
 
 import torch
 
 import figures
-from ckpt import latest_checkpoint, load_checkpoint, save_figure
+from ckpt import latest_checkpoint, load_checkpoint, save_checkpoint, save_figure, write_atomic
 from diffusion import Diffusion
 from errors import UserError
-from evaluate import evaluate
-from hardware import pick_hardware
+from evaluate import Judge, evaluate
+from hardware import pick_hardware, sync
 from model import build_network
-from sample import SampleSettings, denoiser, generate, sampler_plan
-from train import TrainSettings, train
+from sample import SampleSettings, denoiser, generate, load_sampler, sampler_plan
+from train import DEFAULTS, NO_LABEL, TrainSettings, make_trainable, network_config, train, train_step
 
 # The seeds' variants, each against the design card's eps / mse / U-Net; all without labels. The default MLP
 # matches the U-Net's parameters; the wide one is wider than the image, so the noise can pass through it.
@@ -42,25 +51,30 @@ def folder(name):
     return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
 
 
-def train_and_eval(root, name, minutes, given, n_samples, data_dir, device, amp):
-    """Train ROOT/NAME for `minutes` with the run settings `given` unless its eval.json exists, and evaluate
-    it; returns a result row."""
+def train_and_eval(root, name, minutes, given, n_samples, data_dir, device, amp, steps=None, guidance=()):
+    """Train ROOT/NAME for `minutes` or `steps` with the run settings `given` unless its eval.json exists, and
+    evaluate it (also at each extra guidance, into NAME/guidance-W/eval.json); returns a result row."""
     d = os.path.join(root, folder(name))
     report = os.path.join(d, "eval.json")
     if os.path.exists(report):
         print(f"{name}: reusing {report}")
     else:
-        settings = TrainSettings(data_dir=data_dir, ckpt_dir=d, minutes=minutes, device=device, amp=amp)
+        settings = TrainSettings(data_dir=data_dir, ckpt_dir=d, minutes=minutes, steps=steps, device=device, amp=amp)
         last = latest_checkpoint(d) if glob.glob(os.path.join(d, "run_*", "ckpt_*.pt")) else None
+        saved = load_checkpoint(last) if last else None
         if last is None:
             code = train(settings, given)
-        elif load_checkpoint(last)["elapsed"] < 60 * minutes:  # stopped before its budget: go on
-            code = train(dataclasses.replace(settings, resume=last))
+        elif (minutes and saved["elapsed"] < 60 * minutes) or (steps and saved["step"] < steps):
+            code = train(dataclasses.replace(settings, resume=last))  # stopped before its budget: go on
         else:
             code = 0
         if code != 0:
             sys.exit(f"error: training {name} failed")
         # The classifier cache stays in the default checkpoints/ folder, shared by every run.
+        for w in guidance:
+            evaluate(SampleSettings(checkpoint=latest_checkpoint(d), out_dir=os.path.join(d, f"guidance-{w:g}"),
+                                    data_dir=data_dir, n_samples=n_samples, guidance=w, device=device, amp=amp),
+                     cache_dir="checkpoints")
         evaluate(SampleSettings(checkpoint=latest_checkpoint(d), out_dir=d, data_dir=data_dir, n_samples=n_samples,
                                 device=device, amp=amp), cache_dir="checkpoints")
     result = json.load(open(report))
@@ -83,38 +97,235 @@ def table(rows):
                                      parameters=0, images_per_s=0, **floor).replace("| 0.0 | 0 | 0 | 0 |", "| | | | |")
 
 
+# Issue 16's training levers, one change each against the default recipe.
+LEVERS = {
+    "default": {},
+    "min-snr weighting": {"weighting": "min-snr"},
+    "p2 weighting": {"weighting": "p2"},
+    "lognormal t": {"weighting": "lognormal"},
+    "power EMA 0.05": {"ema_length": 0.05},
+    "power EMA 0.10": {"ema_length": 0.1},
+    "lr 5e-4": {"lr": 5e-4},
+    "lr 2e-3": {"lr": 2e-3},
+    "batch 64": {"batch_size": 64},
+    "batch 64, lr 5e-4": {"batch_size": 64, "lr": 5e-4},
+    "warm-up 50": {"warmup": 50},
+    "label dropout 0.2": {"label_dropout": 0.2},
+    "x0 prediction": {"objective": "x0"},
+    "32 channels at 28 px": {"channels": (32, 64, 256)},  # screened only if it costs at most 15% of images/s
+    "attention at 7 px": {"attention": True},
+}
+
+# Issue 14's screen: solver, steps and guidance, on one checkpoint (fields of SampleSettings).
+SAMPLER_CONFIGS = [
+    dict(guidance=1.0), dict(guidance=1.5), dict(guidance=2.0), dict(guidance=3.0),
+    dict(guidance=1.5, interval=(100, 600)), dict(guidance=2.0, interval=(100, 600)),
+    dict(guidance=3.0, interval=(100, 600)), dict(guidance=4.0, interval=(100, 600)),
+    dict(steps=10), dict(steps=15), dict(sampler="ddim", steps=50), dict(sampler="dpm2m", steps=20),
+    dict(sampler="heun", steps=10, churn=0), dict(sampler="heun", steps=10, churn=2),
+    dict(sampler="heun", steps=10, churn=5),
+]
+
+
+def cost_key(name):
+    """What a training step's cost depends on: the network and the batch (the loss weighting, objective,
+    learning rate and EMA cost next to nothing)."""
+    cfg = {**DEFAULTS, **LEVERS[name]}
+    return tuple(cfg[k] for k in ("arch", "channels", "blocks", "attention", "batch_size"))
+
+
+def lever_speeds(names, device, amp, steps=8, repeats=3):
+    """Training images/s of each lever on this device: the median of `repeats` timings of `steps` steps on
+    random labelled batches, after two untimed steps; measured once per cost_key."""
+    result, measured = {}, {}
+    for name in names:
+        if cost_key(name) in measured:
+            result[name] = measured[cost_key(name)]
+            continue
+        cfg = {**DEFAULTS, **LEVERS[name]}
+        model_config, _ = network_config(cfg, NO_LABEL)
+        diffusion = Diffusion(cfg["timesteps"], objective=cfg["objective"], weighting=cfg["weighting"])
+        model, ema, opt = make_trainable(model_config, cfg, device)
+        x0 = torch.rand(cfg["batch_size"], 1, 28, 28, device=device) * 2 - 1
+        y = torch.randint(0, NO_LABEL, (cfg["batch_size"],), device=device)
+        times = []
+        for r in range(repeats + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps if r else 2):
+                train_step(diffusion, model, ema, opt, x0, y, device, amp)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        result[name] = measured[cost_key(name)] = steps * cfg["batch_size"] / statistics.median(times[1:])
+        print(f"{name}: {result[name]:.1f} training images/s", flush=True)
+    return result
+
+
+def lever_steps(name, train_steps, speeds):
+    """The steps of `name` that take the CPU time of train_steps steps of the default recipe."""
+    if speeds is None:
+        return train_steps
+    batch = {**DEFAULTS, **LEVERS[name]}["batch_size"]
+    return round(train_steps * speeds[name] / speeds["default"] * DEFAULTS["batch_size"] / batch)
+
+
+def raw_weights(result, root):
+    """Evaluate the raw (not averaged) weights of a row's checkpoint, as a row of its own."""
+    ckpt = load_checkpoint(result["checkpoint"])
+    path = os.path.join(root, "raw-weights", "run_001", os.path.basename(result["checkpoint"]))
+    if not os.path.exists(os.path.join(root, "raw-weights", "eval.json")):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_checkpoint({**ckpt, "ema": ckpt["model"]}, path)
+    return path
+
+
+def evaluate_once(path, n_samples, data_dir, device, amp):
+    """The default eval of checkpoint path into the folder above its run folder, unless already there."""
+    out = os.path.dirname(os.path.dirname(path))
+    if not os.path.exists(os.path.join(out, "eval.json")):
+        evaluate(SampleSettings(checkpoint=path, out_dir=out, data_dir=data_dir, n_samples=n_samples, device=device,
+                                amp=amp), cache_dir="checkpoints")
+    return json.load(open(os.path.join(out, "eval.json")))
+
+
+def worst(result):
+    return min(a for a in result["as_asked"] if a is not None) if result.get("as_asked") else float("nan")
+
+
+def recipe_table(rows, root):
+    """The recipe screen as markdown: each run at the default sampling and at guidance 1."""
+    head = ("| lever, seed | steps | FID | precision | recall | confident | entropy | worst digit as asked "
+            "| FID, guidance 1 | confident, guidance 1 |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+            "| ---: | ---: |\n")
+    line = ("| {name} | {steps} | {fid:.1f} | {precision:.3f} | {recall:.3f} | {confident:.3f} | {entropy:.3f} "
+            "| {worst:.1%} | {g1} | {g1c} |\n")
+    body = ""
+    for r in rows:
+        d = os.path.dirname(os.path.dirname(r["checkpoint"]))  # ROOT/NAME
+        g1 = json.load(open(os.path.join(d, "guidance-1", "eval.json")))["samples"]
+        body += line.format(name=r["name"], steps=r["train_steps"], worst=worst(r), g1=f"{g1['fid']:.1f}",
+                            g1c=f"{g1['confident']:.3f}", **r["samples"])
+        raw = os.path.join(d, "raw-weights", "eval.json")
+        if os.path.exists(raw):
+            e = json.load(open(raw))
+            body += line.format(name=r["name"] + ", raw weights (no EMA)", steps=r["train_steps"], worst=worst(e),
+                                g1="", g1c="", **e["samples"])
+    floor = rows[0]["real"]
+    return head + body + line.format(name=f"real images, N={rows[0]['n']} (floor)", steps="", worst=float("nan"),
+                                     g1="", g1c="", **floor)
+
+
+def screen_samplers(checkpoint, seeds, n, data_dir, out_dir, device, amp):
+    """Issue 14's screen: each of SAMPLER_CONFIGS on one checkpoint, the same seeds, one Judge; a markdown row
+    per configuration and seed, appended to out_dir/samplers.md as each finishes."""
+    if not checkpoint:
+        raise UserError("samplers needs --checkpoint PATH")
+    judge = Judge(data_dir, "checkpoints", device)
+    out = os.path.join(out_dir, "samplers.md")
+    with open(out, "a") as f:
+        f.write(f"\n{checkpoint}, N={n}\n\n| sampler | guidance | interval | seed | FID | precision | recall "
+                "| confident | entropy | worst digit as asked | seconds |\n"
+                "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
+    for seed in seeds:
+        floor = judge.floor(n, seed)
+        with open(out, "a") as f:
+            f.write(f"| real images (floor) | | | {seed} | {floor['fid']:.1f} | {floor['precision']:.3f} "
+                    f"| {floor['recall']:.3f} | {floor['confident']:.3f} | {floor['entropy']:.3f} | | |\n")
+        for c in SAMPLER_CONFIGS:
+            sp = load_sampler(SampleSettings(checkpoint=checkpoint, seed=seed, device=device, amp=amp, **c))
+            asked = sp.labels(n, seed)
+            t0 = time.time()
+            fake = sp.generate(n, seed, labels=asked)
+            seconds = time.time() - t0
+            m, drawn = judge(fake, seed)
+            worst_digit = min((drawn[asked == d] == d).double().mean().item() for d in range(10) if (asked == d).any())
+            row = (f"| {sp.plan.describe(c.get('sampler', 'dpm2m-sde'))} | {sp.guidance:g} | {list(sp.interval)} "
+                   f"| {seed} | {m['fid']:.1f} | {m['precision']:.3f} | {m['recall']:.3f} | {m['confident']:.3f} "
+                   f"| {m['entropy']:.3f} | {worst_digit:.1%} | {seconds:.1f} |\n")
+            print(row, end="", flush=True)
+            with open(out, "a") as f:
+                f.write(row)
+    print(f"wrote {out}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["budgets", "variants"])
+    p.add_argument("what", choices=["budgets", "variants", "speeds", "recipe", "samplers"])
     p.add_argument("--minutes", default=None, help="budgets: a list like 5,20,45; variants: one number (4)")
+    p.add_argument("--train-steps", default=None,
+                   help="budgets: a list of step budgets instead of minutes; recipe: the default's steps (3946)")
+    p.add_argument("--lever", default="default", help="budgets: the recipe to train, a name from LEVERS")
+    p.add_argument("--only", default=None, help="recipe: comma-separated levers to run (default all)")
+    p.add_argument("--speeds", default=None, help="recipe: a speeds.json; each lever gets the steps that take "
+                                                  "the default's CPU time (default: equal steps)")
+    p.add_argument("--seeds", default="0", help="recipe, samplers: comma-separated seeds (default 0)")
+    p.add_argument("--checkpoint", default=None, help="samplers: the checkpoint to screen")
     p.add_argument("--root", default="experiments", help="where the runs go (default experiments)")
     p.add_argument("--out-dir", default="gen", help="table and figure (default gen)")
-    p.add_argument("--n-samples", type=int, default=None, help="eval N (default: budgets 1000, variants 500)")
+    p.add_argument("--n-samples", type=int, default=None, help="eval N (default: 1000, variants 500)")
     p.add_argument("--data-dir", default="dataset/mnist")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     args = p.parse_args(argv)
     try:
-        compare(args.what, args.minutes, args.root, args.out_dir, args.n_samples, args.data_dir)
+        compare(args)
     except UserError as e:
         sys.exit(f"error: {e}")
 
 
-def compare(what, minutes, root, out_dir, n_samples, data_dir):
-    device, amp = pick_hardware()
+def compare(args):
+    device, amp = pick_hardware(args.device, args.precision)
+    what, root, out_dir, data_dir = args.what, args.root, args.out_dir, args.data_dir
     os.makedirs(out_dir, exist_ok=True)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    if what == "speeds":
+        speeds = lever_speeds(list(LEVERS), device, amp)
+        out = os.path.join(out_dir, "speeds.json")
+        write_atomic(out, lambda f: f.write((json.dumps(speeds, indent=1) + "\n").encode()))
+        print(f"wrote {out}")
+        return
+    if what == "samplers":
+        return screen_samplers(args.checkpoint, seeds, args.n_samples or 1000, data_dir, out_dir, device, amp)
+    if what == "recipe":
+        speeds = json.load(open(args.speeds)) if args.speeds else None
+        names = args.only.split(",") if args.only else list(LEVERS)
+        unknown = [n for n in names if n not in LEVERS]
+        if unknown:
+            raise UserError(f"unknown lever {unknown[0]!r}; choose from {', '.join(LEVERS)}")
+        base = int(args.train_steps or 3946)
+        rows = []
+        for name in names:
+            for seed in seeds:
+                steps = lever_steps(name, base, speeds)
+                row = train_and_eval(root, f"{name}, seed {seed}, {steps} steps", None,
+                                     {**LEVERS[name], "seed": seed}, args.n_samples or 1000, data_dir, device, amp,
+                                     steps=steps, guidance=(1.0,))
+                rows.append(dict(row, name=f"{name}, seed {seed}"))
+                if name == "default":
+                    path = raw_weights(row, os.path.join(root, folder(f"{name}, seed {seed}, {steps} steps")))
+                    evaluate_once(path, args.n_samples or 1000, data_dir, device, amp)
+        text = recipe_table(rows, root)
+        print(text)
+        with open(os.path.join(out_dir, "recipe.md"), "w") as f:
+            f.write(text)
+        print(f"wrote {out_dir}/recipe.md")
+        return
+    n_samples, minutes = args.n_samples, args.minutes
     if what == "budgets":
-        minutes = [float(m) for m in (minutes or "5,20,45").split(",")]
-        rows = [train_and_eval(root, f"default, {m:g} min", m, {}, n_samples or 1000, data_dir, device, amp)
-                for m in minutes]
-        series = {"no label": [(r["minutes"], r["samples"]["fid"]) for r in rows]}
-        if all("guided" in r for r in rows):
-            series[f"digits 0-9 asked, guidance {rows[0]['guidance']:g}"] = [(r["minutes"], r["guided"]["fid"])
-                                                                             for r in rows]
+        lever = LEVERS[args.lever]
+        if args.train_steps:
+            budgets = [int(x) for x in args.train_steps.split(",")]
+            rows = [train_and_eval(root, f"{args.lever}, {b} steps", None, lever, n_samples or 1000, data_dir,
+                                   device, amp, steps=b, guidance=(1.0,)) for b in budgets]
+        else:
+            budgets = [float(m) for m in (minutes or "5,20,45").split(",")]
+            rows = [train_and_eval(root, f"{args.lever}, {m:g} min", m, lever, n_samples or 1000, data_dir, device,
+                                   amp, guidance=(1.0,)) for m in budgets]
+        x = "train_steps" if args.train_steps else "minutes"
+        series = {f"{args.lever}, default sampling": [(r[x], r["samples"]["fid"]) for r in rows]}
         fig = figures.fid_curve(series, rows[0]["real"]["fid"],
-                                f"default recipe: FID (N={rows[0]['n']}) against the training budget")
+                                f"{args.lever} recipe: FID (N={rows[0]['n']}) against the training budget")
         save_figure(fig, os.path.join(out_dir, "budgets.png"))
-        rows = [row for r in rows for row in [dict(r, name=f"{r['name']}, no label")] + (
-            [dict(r, name=f"{r['name']}, digits asked, W={r['guidance']:g}", samples=r["guided"])]
-            if "guided" in r else [])]
     else:
         m = float(minutes or 4)
         rows = [train_and_eval(root, name, m, {"conditional": False, **given}, n_samples or 500, data_dir, device,

@@ -16,6 +16,16 @@ import torch
 import torch.nn.functional as F
 
 OBJECTIVES = ("eps", "x0", "mean")
+# Where the training loss is spent over t. Each is a weight on the x0 error, w(t) || x0_hat - x0 ||^2, that
+# the loss applies in the objective's own units (see Diffusion.loss); "uniform" is DDPM's unweighted loss.
+#   uniform: t uniform, the objective's loss unweighted (for eps: w = SNR, Ho et al. 2020 eq. 14)
+#   min-snr: t uniform, w = min(SNR, 5) (Hang et al. 2023, "Efficient diffusion training via Min-SNR")
+#   p2: t uniform, w = SNR / (1 + SNR) (Choi et al. 2022, "Perception prioritized training", k=1, gamma=1)
+#   lognormal: t drawn so that EDM's ln sigma ~ N(-1.2, 1.2) (Karras et al. 2022), the objective's loss
+#              unweighted: few draws near pure noise, where uniform t spends about 40% of them
+WEIGHTINGS = ("uniform", "min-snr", "p2", "lognormal")
+MIN_SNR_GAMMA = 5.0
+LOGNORMAL_MEAN, LOGNORMAL_STD = -1.2, 1.2
 LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
 SOLVERS = ("ddim", "dpm2m", "dpm2m-sde", "heun")  # DDPM is DDIM over every step with eta 1
 SPACINGS = ("linspace", "trailing")
@@ -23,13 +33,15 @@ MIN_TIMESTEPS = 20  # scaled by 1000/T, the paper's last beta (0.02) exceeds 1 b
 
 
 class Diffusion:
-    def __init__(self, timesteps=1000, beta_start=1e-4, beta_end=0.02, objective="eps", loss="mse"):
+    def __init__(self, timesteps=1000, beta_start=1e-4, beta_end=0.02, objective="eps", loss="mse",
+                 weighting="uniform"):
         if timesteps < 1 or 1000 / timesteps * beta_end > 1 + 1e-9:
             raise ValueError(f"timesteps must be at least {1000 * beta_end:g}: the betas, scaled by 1000/T, "
                              f"would exceed 1")
-        if objective not in OBJECTIVES or loss not in LOSSES:
-            raise ValueError(f"objective must be one of {OBJECTIVES} and loss one of {tuple(LOSSES)}")
-        self.timesteps, self.objective, self.loss_type = timesteps, objective, loss
+        if objective not in OBJECTIVES or loss not in LOSSES or weighting not in WEIGHTINGS:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, loss one of {tuple(LOSSES)} and weighting "
+                             f"one of {WEIGHTINGS}")
+        self.timesteps, self.objective, self.loss_type, self.weighting = timesteps, objective, loss, weighting
         self.beta_start, self.beta_end = beta_start, beta_end
         # The paper's betas are for T=1000. Scaling them by 1000/T keeps alpha_bar at T near 0 for
         # smaller T, so sampling starts from (almost) pure noise; capped below 1 for tiny T.
@@ -51,10 +63,32 @@ class Diffusion:
         self.posterior_var = (betas * (1 - alpha_bar_prev) / (1 - alpha_bar)).float()
         self.posterior_coef_x0 = (betas * alpha_bar_prev.sqrt() / (1 - alpha_bar)).float()
         self.posterior_coef_xt = ((1 - alpha_bar_prev) * (1 - betas).sqrt() / (1 - alpha_bar)).float()
+        self.t_weight, self.t_probs = self._weighting(alpha_bar, betas, alpha_bar_prev)
+
+    def _weighting(self, alpha_bar, betas, alpha_bar_prev):
+        """The per-t loss weight in the objective's units and the distribution t is drawn from (None:
+        uniform). An objective's squared error is a multiple of the x0 error: SNR times it for eps, once for
+        x0, c0^2 times for the posterior mean (c0 its x0 coefficient), so w(t) on the x0 error is
+        w(t) / that multiple on the objective's loss."""
+        snr = alpha_bar / (1 - alpha_bar)
+        per_x0 = {"eps": snr, "x0": torch.ones_like(snr),
+                  "mean": (betas * alpha_bar_prev.sqrt() / (1 - alpha_bar)) ** 2}[self.objective]
+        if self.weighting == "min-snr":
+            return (snr.clamp(max=MIN_SNR_GAMMA) / per_x0).float(), None
+        if self.weighting == "p2":
+            return (snr / (1 + snr) / per_x0).float(), None
+        if self.weighting == "lognormal":
+            # The probability of N(mean, std) between the midpoints of neighbouring ln sigma_t.
+            log_sigma = 0.5 * ((1 - alpha_bar) / alpha_bar).log()
+            edges = torch.cat([torch.tensor([-math.inf], dtype=torch.float64), (log_sigma[1:] + log_sigma[:-1]) / 2,
+                               torch.tensor([math.inf], dtype=torch.float64)])
+            cdf = torch.special.ndtr((edges - LOGNORMAL_MEAN) / LOGNORMAL_STD)
+            return None, (cdf[1:] - cdf[:-1]).float()
+        return None, None
 
     def config(self):
         return {"timesteps": self.timesteps, "beta_start": self.beta_start, "beta_end": self.beta_end,
-                "objective": self.objective, "loss": self.loss_type}
+                "objective": self.objective, "loss": self.loss_type, "weighting": self.weighting}
 
     @staticmethod
     def _at(a, t, x):
@@ -82,12 +116,19 @@ class Diffusion:
             raise ValueError(f"unknown objective {self.objective!r}")
 
     def loss(self, model, x0):
-        """The simplified DDPM objective at a uniform t, eq. (14) for eps: || target - output ||^2 (or |.|
-        for the l1 loss), unweighted over t for every objective."""
-        t = torch.randint(0, self.timesteps, (x0.shape[0],), device=x0.device)
+        """The simplified DDPM objective, eq. (14) for eps: || target - output ||^2 (or |.| for the l1
+        loss), at t uniform and unweighted unless the weighting says otherwise (WEIGHTINGS)."""
+        if self.t_probs is None:
+            t = torch.randint(0, self.timesteps, (x0.shape[0],), device=x0.device)
+        else:
+            t = torch.multinomial(self.t_probs.to(x0.device), x0.shape[0], replacement=True)
         noise = torch.randn_like(x0)
         xt = self.q_sample(x0, t, noise)
-        return LOSSES[self.loss_type](model(xt, t).float(), self.target(x0, xt, t, noise))
+        out, target = model(xt, t).float(), self.target(x0, xt, t, noise)
+        if self.t_weight is None:
+            return LOSSES[self.loss_type](out, target)
+        per_image = LOSSES[self.loss_type](out, target, reduction="none").mean(dim=(1, 2, 3))
+        return (self.t_weight.to(x0.device)[t] * per_image).mean()
 
     def timestep_pairs(self, steps, spacing="linspace"):
         """(t, t_prev) pairs from T-1 down; t_prev = -1 marks the final step, to x_0."""

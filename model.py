@@ -20,6 +20,7 @@ class UNetConfig:
     blocks: tuple = (1, 1, 2)        # residual blocks per level, on the way down and again on the way up
     groups: int = 8                  # GroupNorm groups
     num_classes: int = 0             # 0: unconditional; 10: digit labels 0-9, and 10 means "no label"
+    attention: bool = False          # one self-attention block over the 7x7 positions, between down and up
 
 
 def timestep_embedding(t, dim):
@@ -79,6 +80,24 @@ class ResBlock(nn.Module):
         return h + self.skip(x)
 
 
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the positions of a feature map, as a residual block that starts as the
+    identity (zero output projection)."""
+
+    def __init__(self, ch, groups, heads=4):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch)
+        self.attn = nn.MultiheadAttention(ch, heads, batch_first=True)
+        nn.init.zeros_(self.attn.out_proj.weight)
+        nn.init.zeros_(self.attn.out_proj.bias)
+
+    def forward(self, x):
+        b, c, hgt, wid = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
+        out, _ = self.attn(tokens, tokens, tokens, need_weights=False)
+        return x + out.transpose(1, 2).reshape(b, c, hgt, wid)
+
+
 class UNet(nn.Module):
     """eps = UNet(x, t, y): x (B, 1, 28, 28) in [-1, 1], t (B,) integer timesteps, y (B,) labels or None."""
 
@@ -98,6 +117,8 @@ class UNet(nn.Module):
             self.down.append(nn.ModuleList(ResBlock(cin if j == 0 else ch, ch, tdim, g) for j in range(cfg.blocks[i])))
             if i < len(c) - 1:
                 self.downsample.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+
+        self.middle = SelfAttention(c[-1], g) if cfg.attention else nn.Identity()
 
         # Up: from the bottom, upsample, concatenate the skip of that level, then blocks.
         self.upsample, self.up = nn.ModuleList(), nn.ModuleList()
@@ -122,7 +143,7 @@ class UNet(nn.Module):
             if i < len(self.downsample):
                 skips.append(h)
                 h = self.downsample[i](h)
-        # h: (B, c[-1], 7, 7)
+        h = self.middle(h)  # (B, c[-1], 7, 7)
         for upsample, blocks in zip(self.upsample, self.up):
             h = torch.cat([upsample(h), skips.pop()], dim=1)
             for block in blocks:

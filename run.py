@@ -12,7 +12,7 @@ import math
 import sys
 
 from ckpt import fmt, latest_checkpoint
-from diffusion import LOSSES, MIN_TIMESTEPS, OBJECTIVES
+from diffusion import LOSSES, MIN_TIMESTEPS, OBJECTIVES, WEIGHTINGS
 from errors import UserError
 from evaluate import evaluate
 from hardware import pick_hardware
@@ -21,7 +21,7 @@ from sample import DEFAULT_GUIDANCE, DEFAULT_INTERVAL, DEFAULT_SAMPLER, DEFAULT_
 from train import DEFAULT_EPOCHS, DEFAULTS, TrainSettings, train
 
 # Flags a mode would ignore are refused rather than silently dropped.
-TRAINING_FLAGS = (*DEFAULTS, "epochs", "minutes", "resume", "keep", "eval_every")
+TRAINING_FLAGS = (*DEFAULTS, "epochs", "minutes", "train_steps", "resume", "keep", "eval_every")
 SAMPLING_FLAGS = ("n_samples", "sampler", "steps", "eta", "churn", "sample_seed", "digit", "guidance", "interval")
 
 
@@ -64,6 +64,8 @@ def number_type(ok, what):
 positive_float = number_type(lambda v: v > 0 and math.isfinite(v), "a positive number")
 fraction = number_type(lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1")
 decay_rate = number_type(lambda v: 0 < v < 1, "a number between 0 and 1, like 0.999")
+# A power-function profile averages at most the whole run so far (gamma -> 0): a relative std of sqrt(1/12).
+ema_length = number_type(lambda v: 0 < v < 0.288, "a share of the run between 0 and 0.288, like 0.1")
 guidance_weight = number_type(lambda v: 0 <= v <= 100, "a number from 0 to 100 (1 = plain conditional)")
 
 
@@ -120,6 +122,9 @@ def build_parser():
                         "whichever ends first. The lr schedule and the end of training follow the budget; "
                         "extending a run with --resume stretches the cosine over the new budget, so the lr "
                         "rises again")
+    g.add_argument("--train-steps", type=positive_int, metavar="N",
+                   help="optimizer steps of the run, kept across --resume; with --epochs or --minutes, whichever "
+                        "ends first (the lr schedule follows it)")
     g.add_argument("--batch-size", type=positive_int, metavar="N", help=f"default {D['batch_size']}")
     g.add_argument("--lr", type=positive_float, help=f"AdamW learning rate (default {D['lr']})")
     g.add_argument("--warmup", type=positive_int, metavar="N", help=f"steps of linear lr warm-up (default {D['warmup']})")
@@ -129,6 +134,10 @@ def build_parser():
     g.add_argument("--ema-decay", type=decay_rate, metavar="D",
                    help=f"EMA decay cap: after n updates the decay is min(D, (1+n)/(10+n)), which reaches D only "
                         f"after (10D-1)/(1-D) updates (8,991 for 0.999) (default {D['ema_decay']})")
+    g.add_argument("--ema-length", type=ema_length, metavar="L",
+                   help="EDM2's power-function EMA instead (Karras et al. 2024): at every point of the run it "
+                        "averages about the last L of the steps so far (its relative standard deviation; 0.05 to "
+                        "0.2), so it fits runs of any length; replaces --ema-decay (default: off)")
     g.add_argument("--seed", type=int, help=f"initialisation, data order and noise (default {D['seed']})")
     g.add_argument("--arch", choices=["unet", "mlp"],
                    help="the network: a residual conv U-Net, or an MLP over the flattened image (default unet)")
@@ -138,11 +147,17 @@ def build_parser():
                    help="what the network predicts: the noise eps (DDPM), the clean image x0, or the posterior "
                         "mean of x_{t-1} (default eps)")
     g.add_argument("--loss", choices=list(LOSSES), help="the regression loss on that target (default mse)")
+    g.add_argument("--weighting", choices=WEIGHTINGS,
+                   help="where the loss is spent over t: uniform t, unweighted (DDPM); min-snr: x0 error weighted "
+                        "min(SNR, 5); p2: weighted SNR/(1+SNR); lognormal: t drawn with EDM's ln sigma ~ "
+                        f"N(-1.2, 1.2), few draws near pure noise (default {D['weighting']})")
     g.add_argument("--timesteps", type=timestep_count, metavar="T", help=f"diffusion steps (default {D['timesteps']})")
     g.add_argument("--channels", type=channel_list, metavar="A,B,C",
                    help=f"U-Net widths at 28, 14 and 7 pixels (default {fmt(D['channels'])})")
     g.add_argument("--blocks", type=int_list, metavar="A,B,C",
                    help=f"residual blocks per level (default {fmt(D['blocks'])})")
+    g.add_argument("--attention", action="store_true", default=None,
+                   help="add a self-attention block at the U-Net's 7x7 level (default: none)")
     g.add_argument("--unconditional", dest="conditional", action="store_false", default=None,
                    help="train without digit labels (default: with labels, so the run can also draw a chosen digit)")
     g.add_argument("--label-dropout", type=fraction, metavar="P",
@@ -193,8 +208,8 @@ def train_mode(args, device, amp):
         raise UserError("--checkpoint in train mode needs --resume (to continue that run)")
     resume = (args.checkpoint or latest_checkpoint(args.ckpt_dir)) if args.resume else None
     settings = TrainSettings(data_dir=args.data_dir, ckpt_dir=args.ckpt_dir, resume=resume, epochs=args.epochs,
-                             minutes=args.minutes, keep=args.keep, eval_every=args.eval_every, device=device,
-                             amp=amp, compile=args.compile)
+                             minutes=args.minutes, steps=args.train_steps, keep=args.keep, eval_every=args.eval_every,
+                             device=device, amp=amp, compile=args.compile)
     return train(settings, {key: getattr(args, key) for key in DEFAULTS})
 
 

@@ -4,7 +4,7 @@
     train(TrainSettings(data_dir="dataset/mnist", epochs=1), {"channels": (8, 16, 32)})
 
 A run is defined by its settings (DEFAULTS, overridden by those given; on resume, the checkpoint's) and
-limited by a budget of epochs and/or minutes that the learning-rate schedule follows. Like improved-
+limited by a budget of epochs, optimizer steps and/or minutes that the learning-rate schedule follows. Like improved-
 diffusion's TrainLoop, the Trainer reads top to bottom: run() -> run_epoch() -> run_step(), end_epoch(), save().
 """
 import json
@@ -34,8 +34,8 @@ from model import MLPConfig, UNetConfig, build_network, count_parameters
 # checkpoint's, and a setting given on resume must agree with the checkpoint's.
 DEFAULTS = dict(arch="unet", channels=UNetConfig.channels, blocks=UNetConfig.blocks, width=MLPConfig.width,
                 depth=MLPConfig.depth, objective="eps", loss="mse", timesteps=1000,
-                batch_size=128, lr=1e-3, warmup=200, schedule="cosine", ema_decay=0.999, seed=0,
-                conditional=True, label_dropout=0.1)
+                batch_size=128, lr=1e-3, warmup=200, schedule="cosine", ema_decay=0.999, ema_length=None,
+                seed=0, conditional=True, label_dropout=0.1, weighting="uniform", attention=False)
 DEFAULT_EPOCHS = 10  # a new run given neither epochs nor minutes
 NO_LABEL = 10  # the label embedding's last entry: digits are 0-9
 LOG_EVERY = 50  # steps per point of the loss history (and per host sync)
@@ -47,8 +47,9 @@ class TrainSettings:
     data_dir: str = "dataset/mnist"
     ckpt_dir: str = "checkpoints"  # new runs go in ckpt_dir/run_NNN; the eval classifier is cached here
     resume: Optional[str] = None  # a checkpoint to continue, instead of a new run
-    epochs: Optional[int] = None  # the budget: None and None mean DEFAULT_EPOCHS
+    epochs: Optional[int] = None  # the budget, whichever ends first; none of the three means DEFAULT_EPOCHS
     minutes: Optional[float] = None
+    steps: Optional[int] = None
     keep: Optional[int] = None  # keep the newest K end-of-epoch checkpoints (and the last); None keeps all
     eval_every: Optional[int] = None  # a quick FID every K epochs
     device: torch.device = torch.device("cpu")
@@ -69,14 +70,15 @@ def train(settings, given=None):
         return Trainer(settings, cfg, ckpt).run()
 
 
-def run_budget(epochs, minutes, ckpt=None):
-    """(epochs, minutes) of the run: those given, else the checkpoint's; None means no limit."""
+def run_budget(epochs, minutes, ckpt=None, steps=None):
+    """(epochs, minutes, steps) of the run: those given, else the checkpoint's; None means no limit."""
     saved = ckpt.get("budget", {}) if ckpt else {}
     epochs = epochs if epochs is not None else saved.get("epochs")
     minutes = minutes if minutes is not None else saved.get("minutes")
-    if epochs is None and minutes is None:
+    steps = steps if steps is not None else saved.get("steps")
+    if epochs is None and minutes is None and steps is None:
         epochs = DEFAULT_EPOCHS
-    return epochs, minutes
+    return epochs, minutes, steps
 
 
 def learning_rate(cfg, step, progress):
@@ -93,8 +95,9 @@ def learning_rate(cfg, step, progress):
 def network_config(cfg, num_classes):
     """The checkpoint's model_config for the run's settings, and a short description of its shape."""
     if cfg["arch"] == "unet":
-        return ({"arch": "unet", **asdict(UNetConfig(cfg["channels"], cfg["blocks"], num_classes=num_classes))},
-                f"channels {fmt(cfg['channels'])}, blocks {fmt(cfg['blocks'])}")
+        config = UNetConfig(cfg["channels"], cfg["blocks"], num_classes=num_classes, attention=cfg["attention"])
+        return ({"arch": "unet", **asdict(config)}, f"channels {fmt(cfg['channels'])}, blocks {fmt(cfg['blocks'])}"
+                + (", attention at the lowest level" if cfg["attention"] else ""))
     elif cfg["arch"] == "mlp":
         return ({"arch": "mlp", **asdict(MLPConfig(cfg["width"], cfg["depth"], num_classes))},
                 f"width {cfg['width']}, depth {cfg['depth']}")
@@ -102,20 +105,35 @@ def network_config(cfg, num_classes):
         raise UserError(f"unknown --arch {cfg['arch']!r}; choose unet or mlp")
 
 
-def ema_update(decay):
-    """EMA with warm-up: after n updates the decay is min(decay, (1 + n) / (10 + n)). Computed on the device
-    from AveragedModel's update count and applied as one fused lerp: no host sync in the training step."""
+def power_ema_exponent(length):
+    """EDM2's gamma for a relative standard deviation `length` of the averaging profile (Karras et al. 2024,
+    eq. 3): length^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)), solved by bisection (decreasing in gamma)."""
+    lo, hi = 0.0, 1e6
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if (mid + 1) / ((mid + 2) ** 2 * (mid + 3)) > length ** 2 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def ema_update(decay, length=None):
+    """EMA with warm-up: after n updates the decay is min(decay, (1 + n) / (10 + n)); or, with a length,
+    EDM2's power-function EMA, decay (n / (n + 1))^(gamma + 1), which averages the last `length` share of
+    the run at any point of it, however long the run. Computed on the device from AveragedModel's update
+    count and applied as one fused lerp: no host sync in the training step."""
+    gamma = power_ema_exponent(length) if length else None
+
     @torch.no_grad()
     def update(ema_params, params, num_averaged):
         n = num_averaged.to(ema_params[0].dtype)
-        torch._foreach_lerp_(ema_params, params, 1 - torch.clamp((1 + n) / (10 + n), max=decay))
+        beta = (n / (n + 1)) ** (gamma + 1) if gamma is not None else torch.clamp((1 + n) / (10 + n), max=decay)
+        torch._foreach_lerp_(ema_params, params, 1 - beta)
     return update
 
 
 def make_trainable(model_config, cfg, device):
     """The network, its EMA copy and the optimizer, on the device."""
     model = build_network(model_config).to(device)
-    ema = AveragedModel(model, multi_avg_fn=ema_update(cfg["ema_decay"]), use_buffers=True)
+    ema = AveragedModel(model, multi_avg_fn=ema_update(cfg["ema_decay"], cfg["ema_length"]), use_buffers=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], fused=device.type in ("cuda", "cpu"))
     return model, ema, opt
 
@@ -178,7 +196,7 @@ class Trainer:
 
     def __init__(self, settings, cfg, ckpt=None):
         self.s, self.cfg, self.device, self.amp = settings, cfg, settings.device, settings.amp
-        self.epochs, self.minutes = run_budget(settings.epochs, settings.minutes, ckpt)
+        self.epochs, self.minutes, self.steps = run_budget(settings.epochs, settings.minutes, ckpt, settings.steps)
         images, labels = load_mnist(settings.data_dir)  # (N, 28, 28) uint8, (N,): the whole set in memory
         self.images, self.labels = images.to(self.device), labels.to(self.device)
         # The digits' frequencies: sampling draws each image's label from them.
@@ -190,7 +208,8 @@ class Trainer:
         self.judge = evaluate.Judge(settings.data_dir, settings.ckpt_dir, self.device) if settings.eval_every else None
 
         torch.manual_seed(cfg["seed"])
-        self.diffusion = Diffusion(cfg["timesteps"], objective=cfg["objective"], loss=cfg["loss"])
+        self.diffusion = Diffusion(cfg["timesteps"], objective=cfg["objective"], loss=cfg["loss"],
+                                   weighting=cfg["weighting"])
         self.model_config, self.shape = network_config(cfg, NO_LABEL if cfg["conditional"] else 0)
         self.model, self.ema, self.opt = make_trainable(self.model_config, cfg, self.device)
         self.net = maybe_compile(self.model, settings.compile)  # what the training step calls
@@ -215,10 +234,11 @@ class Trainer:
         return time.time() - self.clock
 
     def progress(self, step=None, seconds=None):
-        """How much of the budget is spent, from 0 to 1: the larger of the step and the time fraction."""
+        """How much of the budget is spent, from 0 to 1: the largest of the epoch, step and time fractions."""
         step = self.step if step is None else step
         seconds = self.elapsed() if seconds is None else seconds
         return max(step / (self.epochs * self.n_batches) if self.epochs else 0.0,
+                   step / self.steps if self.steps else 0.0,
                    seconds / (60 * self.minutes) if self.minutes else 0.0)
 
     def run(self):
@@ -320,7 +340,8 @@ class Trainer:
     def state(self):
         """The checkpoint: one self-describing dict of tensors and plain types."""
         return {"format": FORMAT, "model_config": self.model_config, "diffusion_config": self.diffusion.config(),
-                "train_config": self.cfg, "budget": {"epochs": self.epochs, "minutes": self.minutes},
+                "train_config": self.cfg, "budget": {"epochs": self.epochs, "minutes": self.minutes,
+                                                              "steps": self.steps},
                 "model": self.model.state_dict(), "ema": self.ema.module.state_dict(),
                 "ema_updates": int(self.ema.n_averaged), "optimizer": self.opt.state_dict(), "epoch": self.epoch,
                 "batch": self.batch, "step": self.step, "elapsed": self.saved_clock, "rng": rng_state(self.device),
@@ -349,8 +370,11 @@ class Trainer:
         cfg = self.cfg
         kind = f"labels, dropout {cfg['label_dropout']:g}" if cfg["conditional"] else "no labels"
         budget = " and ".join(([f"{self.epochs} epochs"] if self.epochs else [])
+                              + ([f"{self.steps} steps"] if self.steps else [])
                               + ([f"{self.minutes:g} minutes"] if self.minutes else []))
+        ema = f"power EMA {cfg['ema_length']:g}" if cfg["ema_length"] else f"EMA {cfg['ema_decay']:g}"
         print(f"{cfg['arch']} {count_parameters(self.model):,} parameters, {self.shape}; predicts "
-              f"{cfg['objective']}, {cfg['loss']} loss; T={cfg['timesteps']}; {kind}; {len(self.images):,} images, "
+              f"{cfg['objective']}, {cfg['loss']} loss, {cfg['weighting']} weighting; T={cfg['timesteps']}; {kind}; "
+              f"lr {cfg['lr']:g}, {ema}; {len(self.images):,} images, "
               f"{self.n_batches} batches of {cfg['batch_size']}; budget {budget}; device {self.device.type}, "
               f"{'bf16' if self.amp else 'fp32'}; run {self.run_dir}")

@@ -81,6 +81,12 @@ def args(workspace, *argv):
     (["--mode", "eval", "--digit", "3"], "--digit is for --mode sample"),
     (["--mode", "train", "--resume", "--unconditional"], "was trained with labels; drop --unconditional"),
     (["--mode", "train", "--minutes", "0"], "--minutes: must be a positive number"),
+    (["--mode", "train", "--train-steps", "0"], "--train-steps: must be a positive integer"),
+    (["--mode", "sample", "--train-steps", "10"], "--train-steps is a training flag"),
+    (["--mode", "train", "--ema-length", "0.3"], "--ema-length: must be a share of the run between 0 and 0.288"),
+    (["--mode", "train", "--ema-length", "0.1", "--ema-decay", "0.99"], "--ema-length replaces --ema-decay"),
+    (["--mode", "train", "--weighting", "snr"], "--weighting: invalid choice: 'snr'"),
+    (["--mode", "train", "--arch", "mlp", "--attention"], "--attention does not apply to --arch mlp"),
     (["--mode", "train", "--resume", "--epochs", "1"], "has already used its budget"),
 ])
 def test_bad_arguments(capsys, workspace, argv, expect):

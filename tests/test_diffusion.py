@@ -233,3 +233,40 @@ def test_the_mean_objectives_last_ancestral_step_returns_the_clipped_x0():
     xt, out = torch.randn(2, 2, 1, 28, 28).unbind(0)
     x, x0 = d.step(out * 5, xt, 0, -1, 1.0, None)
     assert torch.equal(x, x0) and x.abs().max() <= 1
+
+
+@pytest.mark.parametrize("objective", ["eps", "x0", "mean"])
+def test_each_weighting_puts_its_weight_on_the_x0_error(objective):
+    """An objective's squared error is SNR (eps), 1 (x0) or c0^2 (mean) times the x0 error, so the weight on the
+    objective's loss times that multiple is the weighting's w(t) on the x0 error: min(SNR, 5) or SNR/(1+SNR)."""
+    base = Diffusion(1000, objective=objective)
+    ab = base.alpha_bar.double()
+    snr = ab / (1 - ab)
+    t = torch.arange(1000)
+    c0 = torch.tensor([base._mean_coefs(i)[0] for i in range(1000)], dtype=torch.float64)
+    multiple = {"eps": snr, "x0": torch.ones(1000, dtype=torch.float64), "mean": c0 ** 2}[objective]
+    for weighting, w in (("min-snr", snr.clamp(max=5)), ("p2", snr / (1 + snr))):
+        d = Diffusion(1000, objective=objective, weighting=weighting)
+        assert d.t_probs is None
+        assert torch.allclose(d.t_weight.double()[t] * multiple, w, rtol=1e-3)
+
+
+def test_lognormal_draws_few_timesteps_near_pure_noise():
+    d = Diffusion(1000, weighting="lognormal")
+    assert d.t_weight is None and d.t_probs.sum().item() == pytest.approx(1.0, abs=1e-6)
+    assert d.t_probs[600:].sum() < 0.01  # uniform t puts 40% of the draws there
+    # The median draw is where EDM's ln sigma = -1.2, sigma 0.30.
+    median = int((d.t_probs.cumsum(0) >= 0.5).nonzero()[0])
+    assert math.exp(d.log_sigma[median]) == pytest.approx(math.exp(-1.2), rel=0.05)
+
+
+def test_the_weighted_loss_is_the_weighted_mean_of_each_images_loss():
+    d = Diffusion(100, weighting="min-snr")
+    x0 = torch.rand(6, 1, 28, 28) * 2 - 1
+    torch.manual_seed(3)
+    loss = d.loss(lambda x, t: torch.zeros_like(x), x0)  # the network says 0: the loss is the noise's square
+    torch.manual_seed(3)
+    t = torch.randint(0, 100, (6,))
+    noise = torch.randn_like(x0)
+    expected = (d.t_weight[t] * noise.pow(2).mean(dim=(1, 2, 3))).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)

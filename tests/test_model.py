@@ -40,3 +40,21 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     x, t = torch.randn(3, 1, 28, 28), torch.tensor([0, 10, 999])
     assert torch.equal(model(x, t), rebuilt(x, t))
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_the_attention_block_starts_as_the_identity_and_then_learns():
+    """With attention at 7x7 the U-Net computes what the same weights without it do, until the block's zeroed
+    output projection is trained; old checkpoints (no attention key) build the plain network."""
+    torch.manual_seed(0)
+    plain = UNet(UNetConfig(channels=(8, 16, 32), num_classes=10))
+    attn = UNet(UNetConfig(channels=(8, 16, 32), num_classes=10, attention=True))
+    missing, unexpected = attn.load_state_dict(plain.state_dict(), strict=False)
+    assert missing and all(k.startswith("middle.") for k in missing) and not unexpected
+    for net in (plain, attn):  # non-zero last layers, so the output depends on everything before
+        torch.nn.init.normal_(net.out[-1].weight)
+    attn.out[-1].weight.data.copy_(plain.out[-1].weight)
+    x, t, y = torch.randn(3, 1, 28, 28), torch.tensor([1, 400, 900]), torch.tensor([0, 5, 10])
+    assert torch.allclose(plain(x, t, y), attn(x, t, y), atol=1e-6)
+    torch.nn.init.normal_(attn.middle.attn.out_proj.weight)
+    assert not torch.allclose(plain(x, t, y), attn(x, t, y), atol=1e-3)
+    assert isinstance(build_network({"arch": "unet", "channels": [8, 16, 32]}).middle, torch.nn.Identity)

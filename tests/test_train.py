@@ -222,3 +222,33 @@ def test_bf16_training_gives_a_finite_falling_loss(mnist_root):
     assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model(x0, torch.zeros(8, dtype=torch.long)).dtype == torch.float32  # the output head runs in fp32
+
+
+def test_power_ema_averages_the_last_share_of_the_run_it_is_given():
+    """EDM2's power EMA weights update k by about k^gamma: fed the weight value k at update k, it ends near the
+    mean of t under a density t^gamma on [0, N], (gamma + 1) / (gamma + 2) N, whatever N is; gamma 6.94 is the
+    paper's for a relative standard deviation of 0.10."""
+    assert training.power_ema_exponent(0.10) == pytest.approx(6.94, abs=0.01)
+    assert training.power_ema_exponent(0.05) == pytest.approx(16.97, abs=0.01)
+    for n in (200, 1000):
+        model, ema, _ = training.make_trainable({"arch": "mlp", "width": 8, "depth": 1}, dict(training.DEFAULTS,
+                                                ema_length=0.10), torch.device("cpu"))
+        p, e = next(model.parameters()), next(ema.module.parameters())
+        for k in range(1, n + 1):
+            with torch.no_grad():
+                p.fill_(float(k))
+            ema.update_parameters(model)
+        gamma = training.power_ema_exponent(0.10)
+        assert e.flatten()[0].item() == pytest.approx((gamma + 1) / (gamma + 2) * n, rel=0.01)
+
+
+def test_a_steps_budget_ends_the_run_and_is_kept_across_resume(mnist_root, tmp_path):
+    settings = training.TrainSettings(data_dir=mnist_root, ckpt_dir=str(tmp_path), steps=3)
+    given = dict(channels=(8, 16, 32), blocks=(1, 1, 1), timesteps=20, batch_size=16)
+    assert training.train(settings, given) == 0
+    ckpt = load_checkpoint(latest_checkpoint(str(tmp_path)))
+    assert (ckpt["step"], ckpt["budget"]["steps"], ckpt["budget"]["epochs"]) == (3, 3, None)
+    assert ckpt["log"][-1]["lr"] == pytest.approx(training.learning_rate(ckpt["train_config"], 2, 2 / 3))
+    more = dataclasses.replace(settings, resume=latest_checkpoint(str(tmp_path)), steps=6)
+    assert training.train(more) == 0
+    assert load_checkpoint(latest_checkpoint(str(tmp_path)))["step"] == 6

@@ -168,7 +168,12 @@ def reconcile(given, defaults, ckpt=None, path=None):
     if not cfg["conditional"] and given.get("label_dropout") is not None:
         raise UserError("--label-dropout needs labels; drop it or drop --unconditional")
     if given.get("ema_length") is not None and given.get("ema_decay") is not None:
-        raise UserError("--ema-length replaces --ema-decay's EMA; give one of them")
+        raise UserError("--ema-length and --ema-decay choose between two EMAs; give one of them")
+    if given.get("ema_decay") is not None and cfg["ema_length"] is not None:  # --ema-decay: the classic EMA
+        if ckpt:
+            raise UserError(f"--resume: {path} was trained with --ema-length {cfg['ema_length']:g}; drop "
+                            f"--ema-decay to resume, or train a new run without --resume")
+        cfg["ema_length"] = None
     other = {"unet": ("width", "depth"), "mlp": ("channels", "blocks", "attention")}[cfg["arch"]]
     for key in other:
         if given.get(key) is not None:

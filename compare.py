@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import glob
 import json
+import math
 import os
 import statistics
 import sys
@@ -32,7 +33,7 @@ from errors import UserError
 from evaluate import Judge, evaluate
 from hardware import pick_hardware, sync
 from model import build_network
-from sample import SampleSettings, denoiser, generate, load_sampler, sampler_plan
+from sample import EVERYWHERE, SampleSettings, denoiser, generate, load_sampler, sampler_plan
 from train import DEFAULTS, NO_LABEL, TrainSettings, make_trainable, network_config, train, train_step
 
 # The seeds' variants, each against the design card's eps / mse / U-Net; all without labels. The default MLP
@@ -108,7 +109,7 @@ LEVERS = {
     "lr 5e-4": {"lr": 5e-4},
     "lr 2e-3": {"lr": 2e-3},
     "batch 64": {"batch_size": 64},
-    "batch 64, lr 5e-4": {"batch_size": 64, "lr": 5e-4},
+    "batch 64 lr 5e-4": {"batch_size": 64, "lr": 5e-4},
     "warm-up 50": {"warmup": 50},
     "label dropout 0.2": {"label_dropout": 0.2},
     "x0 prediction": {"objective": "x0"},
@@ -118,19 +119,33 @@ LEVERS = {
 
 # Issue 14's screen: solver, steps and guidance, on one checkpoint (fields of SampleSettings).
 SAMPLER_CONFIGS = [
-    dict(guidance=1.0), dict(guidance=1.5), dict(guidance=2.0), dict(guidance=3.0),
+    dict(guidance=1.0), dict(guidance=1.5, interval=EVERYWHERE), dict(guidance=2.0, interval=EVERYWHERE),
+    dict(guidance=3.0, interval=EVERYWHERE),
     dict(guidance=1.5, interval=(100, 600)), dict(guidance=2.0, interval=(100, 600)),
     dict(guidance=3.0, interval=(100, 600)), dict(guidance=4.0, interval=(100, 600)),
-    dict(steps=10), dict(steps=15), dict(sampler="ddim", steps=50), dict(sampler="dpm2m", steps=20),
-    dict(sampler="heun", steps=10, churn=0), dict(sampler="heun", steps=10, churn=2),
-    dict(sampler="heun", steps=10, churn=5),
+    dict(guidance=2.0, interval=EVERYWHERE, steps=10), dict(guidance=2.0, interval=EVERYWHERE, steps=15),
+    dict(guidance=2.0, interval=EVERYWHERE, sampler="ddim", steps=50),
+    dict(guidance=2.0, interval=EVERYWHERE, sampler="dpm2m", steps=20),
+    dict(guidance=2.0, interval=EVERYWHERE, sampler="heun", steps=10, churn=0),
+    dict(guidance=2.0, interval=EVERYWHERE, sampler="heun", steps=10, churn=2),
+    dict(guidance=2.0, interval=EVERYWHERE, sampler="heun", steps=10, churn=5),
 ]
+
+
+def lever(name):
+    """The run settings of a lever, or of levers joined by " + " (applied left to right)."""
+    given = {}
+    for part in name.split(" + "):
+        if part not in LEVERS:
+            raise UserError(f"unknown lever {part!r}; choose from {', '.join(LEVERS)}, or join them with ' + '")
+        given.update(LEVERS[part])
+    return given
 
 
 def cost_key(name):
     """What a training step's cost depends on: the network and the batch (the loss weighting, objective,
     learning rate and EMA cost next to nothing)."""
-    cfg = {**DEFAULTS, **LEVERS[name]}
+    cfg = {**DEFAULTS, **lever(name)}
     return tuple(cfg[k] for k in ("arch", "channels", "blocks", "attention", "batch_size"))
 
 
@@ -142,7 +157,7 @@ def lever_speeds(names, device, amp, steps=8, repeats=3):
         if cost_key(name) in measured:
             result[name] = measured[cost_key(name)]
             continue
-        cfg = {**DEFAULTS, **LEVERS[name]}
+        cfg = {**DEFAULTS, **lever(name)}
         model_config, _ = network_config(cfg, NO_LABEL)
         diffusion = Diffusion(cfg["timesteps"], objective=cfg["objective"], weighting=cfg["weighting"])
         model, ema, opt = make_trainable(model_config, cfg, device)
@@ -165,8 +180,11 @@ def lever_steps(name, train_steps, speeds):
     """The steps of `name` that take the CPU time of train_steps steps of the default recipe."""
     if speeds is None:
         return train_steps
-    batch = {**DEFAULTS, **LEVERS[name]}["batch_size"]
-    return round(train_steps * speeds[name] / speeds["default"] * DEFAULTS["batch_size"] / batch)
+    batch = {**DEFAULTS, **lever(name)}["batch_size"]
+    # A combination's speed: its own if measured, else the product of its parts' relative speeds.
+    ratio = speeds[name] / speeds["default"] if name in speeds else math.prod(
+        speeds[part] / speeds["default"] for part in name.split(" + "))
+    return round(train_steps * ratio * DEFAULTS["batch_size"] / batch)
 
 
 def raw_weights(result, root):
@@ -289,16 +307,15 @@ def compare(args):
     if what == "recipe":
         speeds = json.load(open(args.speeds)) if args.speeds else None
         names = args.only.split(",") if args.only else list(LEVERS)
-        unknown = [n for n in names if n not in LEVERS]
-        if unknown:
-            raise UserError(f"unknown lever {unknown[0]!r}; choose from {', '.join(LEVERS)}")
+        for name in names:
+            lever(name)
         base = int(args.train_steps or 3946)
         rows = []
         for name in names:
             for seed in seeds:
                 steps = lever_steps(name, base, speeds)
                 row = train_and_eval(root, f"{name}, seed {seed}, {steps} steps", None,
-                                     {**LEVERS[name], "seed": seed}, args.n_samples or 1000, data_dir, device, amp,
+                                     {**lever(name), "seed": seed}, args.n_samples or 1000, data_dir, device, amp,
                                      steps=steps, guidance=(1.0,))
                 rows.append(dict(row, name=f"{name}, seed {seed}"))
                 if name == "default":
@@ -312,14 +329,14 @@ def compare(args):
         return
     n_samples, minutes = args.n_samples, args.minutes
     if what == "budgets":
-        lever = LEVERS[args.lever]
+        given = lever(args.lever)
         if args.train_steps:
             budgets = [int(x) for x in args.train_steps.split(",")]
-            rows = [train_and_eval(root, f"{args.lever}, {b} steps", None, lever, n_samples or 1000, data_dir,
+            rows = [train_and_eval(root, f"{args.lever}, {b} steps", None, given, n_samples or 1000, data_dir,
                                    device, amp, steps=b, guidance=(1.0,)) for b in budgets]
         else:
             budgets = [float(m) for m in (minutes or "5,20,45").split(",")]
-            rows = [train_and_eval(root, f"{args.lever}, {m:g} min", m, lever, n_samples or 1000, data_dir, device,
+            rows = [train_and_eval(root, f"{args.lever}, {m:g} min", m, given, n_samples or 1000, data_dir, device,
                                    amp, guidance=(1.0,)) for m in budgets]
         x = "train_steps" if args.train_steps else "minutes"
         series = {f"{args.lever}, default sampling": [(r[x], r["samples"]["fid"]) for r in rows]}

@@ -17,7 +17,7 @@ from errors import UserError
 from evaluate import evaluate
 from hardware import pick_hardware
 from model import UNetConfig
-from sample import DEFAULT_GUIDANCE, DEFAULT_INTERVAL, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, SampleSettings, sample
+from sample import DEFAULT_GUIDANCE, DEFAULT_INTERVAL_SHARE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, SampleSettings, sample
 from train import DEFAULT_EPOCHS, DEFAULTS, TrainSettings, train
 
 # Flags a mode would ignore are refused rather than silently dropped.
@@ -132,12 +132,12 @@ def build_parser():
                    help=f"lr after warm-up: cosine decay to 0 at the end of the budget, or constant "
                         f"(default {D['schedule']})")
     g.add_argument("--ema-decay", type=decay_rate, metavar="D",
-                   help=f"EMA decay cap: after n updates the decay is min(D, (1+n)/(10+n)), which reaches D only "
-                        f"after (10D-1)/(1-D) updates (8,991 for 0.999) (default {D['ema_decay']})")
+                   help="the classic EMA instead of the power EMA: after n updates the decay is min(D, "
+                        "(1+n)/(10+n)), which reaches D only after (10D-1)/(1-D) updates (8,991 for 0.999)")
     g.add_argument("--ema-length", type=ema_length, metavar="L",
-                   help="EDM2's power-function EMA instead (Karras et al. 2024): at every point of the run it "
-                        "averages about the last L of the steps so far (its relative standard deviation; 0.05 to "
-                        "0.2), so it fits runs of any length; replaces --ema-decay (default: off)")
+                   help="EDM2's power-function EMA (Karras et al. 2024): at every point of the run it averages "
+                        "about the last L of the steps so far (its relative standard deviation, 0.05 to 0.2), so "
+                        f"it fits runs of any length (default {D['ema_length']})")
     g.add_argument("--seed", type=int, help=f"initialisation, data order and noise (default {D['seed']})")
     g.add_argument("--arch", choices=["unet", "mlp"],
                    help="the network: a residual conv U-Net, or an MLP over the flattened image (default unet)")
@@ -145,7 +145,7 @@ def build_parser():
     g.add_argument("--depth", type=positive_int, metavar="N", help=f"MLP residual blocks (default {D['depth']})")
     g.add_argument("--objective", choices=OBJECTIVES,
                    help="what the network predicts: the noise eps (DDPM), the clean image x0, or the posterior "
-                        "mean of x_{t-1} (default eps)")
+                        f"mean of x_{{t-1}} (default {D['objective']})")
     g.add_argument("--loss", choices=list(LOSSES), help="the regression loss on that target (default mse)")
     g.add_argument("--weighting", choices=WEIGHTINGS,
                    help="where the loss is spent over t: uniform t, unweighted (DDPM); min-snr: x0 error weighted "
@@ -186,8 +186,9 @@ def build_parser():
                    help=f"classifier-free guidance eps_u + W (eps_c - eps_u): 1 is plain conditional, 0 draws "
                         f"with no label (default {DEFAULT_GUIDANCE:g}; labelled runs)")
     g.add_argument("--guidance-interval", dest="interval", type=timestep_range, metavar="LO,HI",
-                   help=f"apply guidance only at timesteps LO <= t <= HI, plain conditional elsewhere "
-                        f"(default {fmt(DEFAULT_INTERVAL)})")
+                   help=f"apply guidance only at timesteps LO <= t <= HI, plain conditional elsewhere; 0,10000 "
+                        f"guides everywhere (default {DEFAULT_INTERVAL_SHARE[0]:g}T,{DEFAULT_INTERVAL_SHARE[1]:g}T: "
+                        f"100,600 for T=1000)")
     g.add_argument("--sample-seed", type=int, metavar="S",
                    help="same seed and checkpoint, same images (default 0)")
     return p

@@ -26,7 +26,10 @@ from hardware import autocast, maybe_compile
 from model import build_network
 
 DEFAULT_GUIDANCE = 2.0  # classifier-free guidance weight W; 1 is plain conditional, 0 unconditional
-DEFAULT_INTERVAL = (0, 10_000)  # guidance applies where lo <= t <= hi (Kynkaanniemi et al. 2024)
+# Guidance applies where lo <= t <= hi (Kynkaanniemi et al. 2024), by default at t from 10% to 60% of T:
+# for T = 1000, [100, 600], about EDM2's sigma 0.28 to 5.4 (docs/sampling.md).
+DEFAULT_INTERVAL_SHARE = (0.1, 0.6)
+EVERYWHERE = (0, 10_000)
 SAMPLERS = ("ddpm", "ddim", "dpm2m", "dpm2m-sde", "heun")
 DEFAULT_SAMPLER = "dpm2m-sde"  # matched DDIM-50 at 20 network calls (docs/sampling.md)
 # Steps when --steps is not given: each solver's at about DDIM-50's quality here (docs/sampling.md).
@@ -48,7 +51,7 @@ class SampleSettings:
     seed: int = 0
     digit: Optional[int] = None  # a grid of one digit (labelled runs)
     guidance: Optional[float] = None  # default DEFAULT_GUIDANCE for labelled runs; 0 draws with no label
-    interval: Optional[tuple] = None  # the timesteps (lo, hi) where guidance applies, default DEFAULT_INTERVAL
+    interval: Optional[tuple] = None  # the timesteps (lo, hi) where guidance applies, default default_interval(T)
     device: torch.device = torch.device("cpu")
     amp: Optional[torch.dtype] = None
     compile: bool = False
@@ -99,7 +102,12 @@ def sampler_plan(sampler, steps, eta, churn, timesteps):
         raise UserError(f"unknown --sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
 
 
-def denoiser(model, device, amp, interval=DEFAULT_INTERVAL):
+def default_interval(timesteps):
+    """The timesteps (lo, hi) where guidance applies unless --guidance-interval says otherwise."""
+    return tuple(round(share * timesteps) for share in DEFAULT_INTERVAL_SHARE)
+
+
+def denoiser(model, device, amp, interval=EVERYWHERE):
     """model as an eps(x, t, y=None, w=1) function, under autocast when amp is set.
 
     With labels y and guidance w, classifier-free guidance (Ho & Salimans 2022, with w shifted by one):
@@ -110,7 +118,7 @@ def denoiser(model, device, amp, interval=DEFAULT_INTERVAL):
     """
     no_label = model.cfg.num_classes  # the "no label" entry (a compiled model passes cfg through)
     lo, hi = interval
-    limited = tuple(interval) != DEFAULT_INTERVAL  # only then read t back (a host sync on a GPU)
+    limited = tuple(interval) != EVERYWHERE  # only then read t back (a host sync on a GPU)
 
     def denoise(x, t, y=None, w=1.0):
         if limited and w not in (0, 1) and not lo <= float(t[0]) <= hi:
@@ -198,7 +206,7 @@ def load_sampler(s):
     if s.digit is not None and s.guidance == 0:
         raise UserError("--digit needs a label, and --guidance 0 draws with none; drop one of them")
     guidance = (DEFAULT_GUIDANCE if s.guidance is None else s.guidance) if labelled else None
-    interval = s.interval or DEFAULT_INTERVAL
+    interval = s.interval or default_interval(diffusion.timesteps)
     what = "unconditional" if not labelled else "labelled, no label" if guidance == 0 else (
         f"labelled, guidance {guidance:g}" + (f" at t in [{interval[0]}, {interval[1]}]"
                                               if interval[0] > 0 or interval[1] < diffusion.timesteps - 1 else ""))

@@ -33,9 +33,9 @@ from model import MLPConfig, UNetConfig, build_network, count_parameters
 # The settings that define a run. A new run takes these unless told otherwise; a resumed run takes its
 # checkpoint's, and a setting given on resume must agree with the checkpoint's.
 DEFAULTS = dict(arch="unet", channels=UNetConfig.channels, blocks=UNetConfig.blocks, width=MLPConfig.width,
-                depth=MLPConfig.depth, objective="eps", loss="mse", timesteps=1000,
-                batch_size=128, lr=1e-3, warmup=200, schedule="cosine", ema_decay=0.999, ema_length=None,
-                seed=0, conditional=True, label_dropout=0.1, weighting="uniform", attention=False)
+                depth=MLPConfig.depth, objective="x0", loss="mse", timesteps=1000,
+                batch_size=64, lr=1e-3, warmup=200, schedule="cosine", ema_decay=0.999, ema_length=0.1,
+                seed=0, conditional=True, label_dropout=0.1, weighting="p2", attention=False)
 DEFAULT_EPOCHS = 10  # a new run given neither epochs nor minutes
 NO_LABEL = 10  # the label embedding's last entry: digits are 0-9
 LOG_EVERY = 50  # steps per point of the loss history (and per host sync)
@@ -204,7 +204,7 @@ class Trainer:
         self.n_batches = max(1, len(images) // cfg["batch_size"])  # the last partial batch is dropped
         if ckpt and self.progress(ckpt["step"], ckpt.get("elapsed", 0.0)) >= 1:
             raise UserError(f"{settings.resume} has already used its budget ({ckpt['epoch']} epochs, step "
-                            f"{ckpt['step']}); pass a larger --epochs or --minutes to train on")
+                            f"{ckpt['step']}); pass a larger --epochs, --train-steps or --minutes to train on")
         self.judge = evaluate.Judge(settings.data_dir, settings.ckpt_dir, self.device) if settings.eval_every else None
 
         torch.manual_seed(cfg["seed"])
@@ -329,7 +329,8 @@ class Trainer:
         plan = sample.Plan("ddim", min(20, self.cfg["timesteps"]), "linspace", eta=1.0)
         sp = sample.Sampler(self.run_dir, {"class_prior": self.class_prior}, self.diffusion,
                             sample.denoiser(self.ema.module, self.device, self.amp), plan,
-                            sample.DEFAULT_GUIDANCE if self.cfg["conditional"] else None, sample.DEFAULT_INTERVAL,
+                            sample.DEFAULT_GUIDANCE if self.cfg["conditional"] else None,
+                            sample.default_interval(self.cfg["timesteps"]),
                             self.device)
         fake = sp.generate(500, 0, labels=sp.labels(500, 0), desc="quick eval")
         quick, _ = self.judge(fake)

@@ -62,7 +62,7 @@ def test_one_epoch_writes_a_complete_checkpoint_and_log(trained):
     ckpt = load_checkpoint(trained["checkpoint"])
     assert ckpt["epoch"] == 1 and ckpt["step"] == 4 and ckpt["batch"] == 0  # 64 images / 16
     assert ckpt["model_config"] == {"arch": "unet", "channels": (8, 16, 32), "blocks": (1, 1, 1), "groups": 8,
-                                   "num_classes": 10}
+                                   "num_classes": 10, "attention": False}
     assert ckpt["diffusion_config"]["timesteps"] == 20
     assert set(ckpt["ema"]) == set(ckpt["model"]) and ckpt["ema_updates"] == 4
     run_dir = os.path.dirname(trained["checkpoint"])
@@ -166,7 +166,7 @@ def test_a_minutes_budget_ends_the_run_saves_and_survives_resume(workspace, tmp_
     timed = dict(workspace, ckpt_dir=ckpt_dir)
     assert train(timed, "--minutes", "0.005", "--epochs", "100000") == 0  # 0.3 s, far short of the epochs
     first = load_checkpoint(latest_checkpoint(ckpt_dir))
-    assert first["budget"] == {"epochs": 100000, "minutes": 0.005} and first["elapsed"] >= 0.3
+    assert first["budget"] == {"epochs": 100000, "minutes": 0.005, "steps": None} and first["elapsed"] >= 0.3
     assert 0 < first["step"] < 100000 * 4
     assert train(timed, "--resume") == 2  # the budget is spent; the checkpoint says so
     assert "has already used its budget" in capsys.readouterr().err
@@ -181,7 +181,7 @@ def test_a_minutes_budget_ends_the_run_saves_and_survives_resume(workspace, tmp_
 def test_the_ema_follows_its_formula_with_the_warm_up():
     """After the first update copies the weights, update n blends with weight 1 - min(D, (1+n)/(10+n))."""
     model, ema, _ = training.make_trainable({"arch": "mlp", "width": 8, "depth": 1}, dict(training.DEFAULTS,
-                                            ema_decay=0.5), torch.device("cpu"))
+                                            ema_decay=0.5, ema_length=None), torch.device("cpu"))
     p, e = next(model.parameters()), next(ema.module.parameters())
     expected = None
     for n, value in enumerate([1.0, 3.0, -2.0, 5.0]):

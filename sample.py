@@ -25,7 +25,7 @@ from errors import UserError
 from hardware import autocast, maybe_compile
 from model import build_network
 
-DEFAULT_GUIDANCE = 2.0  # classifier-free guidance weight W; 1 is plain conditional, 0 unconditional
+DEFAULT_GUIDANCE = 1.5  # classifier-free guidance weight W; 1 is plain conditional, 0 unconditional
 # Guidance applies where lo <= t <= hi (Kynkaanniemi et al. 2024), by default at t from 10% to 60% of T:
 # for T = 1000, [100, 600], about EDM2's sigma 0.28 to 5.4 (docs/sampling.md).
 DEFAULT_INTERVAL_SHARE = (0.1, 0.6)

@@ -73,3 +73,14 @@ def test_new_run_folders_count_up_and_empty_leftovers_go(tmp_path):
     os.makedirs(tmp_path / "run_002" / "x")  # not empty: kept
     assert ckpt.new_run_dir(str(tmp_path)) == str(tmp_path / "run_003")
     assert sorted(os.listdir(tmp_path)) == ["run_002", "run_003"]
+
+
+def test_ema_decay_asks_for_the_classic_ema_and_cannot_switch_a_power_ema_run():
+    assert train.DEFAULTS["ema_length"] and ckpt.reconcile({"ema_decay": 0.99}, train.DEFAULTS)["ema_length"] is None
+    assert ckpt.reconcile({}, train.DEFAULTS)["ema_length"] == train.DEFAULTS["ema_length"]
+    saved = {"train_config": dict(train.DEFAULTS)}
+    with pytest.raises(UserError, match="was trained with --ema-length 0.1; drop --ema-decay"):
+        ckpt.reconcile({"ema_decay": train.DEFAULTS["ema_decay"]}, train.DEFAULTS, saved, "run_001/ckpt.pt")
+    # A run from before the power EMA resumes with its classic EMA.
+    old = {"train_config": {k: v for k, v in train.DEFAULTS.items() if k not in ("ema_length", "weighting", "attention")}}
+    assert ckpt.reconcile({}, train.DEFAULTS, old, "old.pt")["ema_length"] is None

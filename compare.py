@@ -3,7 +3,7 @@
     python compare.py budgets --minutes 5,20,45   # the default recipe at each budget: FID against minutes
     python compare.py variants --minutes 4         # what to predict, which loss, which network
     python compare.py speeds                       # training images/s of each recipe lever on this machine
-    python compare.py recipe --train-steps 7892 --speeds gen/speeds.json --seeds 0,1   # issue 16's levers
+    python compare.py recipe --train-steps 7600 --speeds gen/speeds.json --seeds 0,1   # issue 16's levers
     python compare.py samplers --checkpoint PATH --seeds 0,1   # solvers and guidance on one checkpoint
 
 A budget is --minutes of this machine's time, or --train-steps: the recipe screen gives each lever the
@@ -272,7 +272,7 @@ def main(argv=None):
     p.add_argument("what", choices=["budgets", "variants", "speeds", "recipe", "samplers"])
     p.add_argument("--minutes", default=None, help="budgets: a list like 5,20,45; variants: one number (4)")
     p.add_argument("--train-steps", default=None,
-                   help="budgets: a list of step budgets instead of minutes; recipe: the default's steps (3946)")
+                   help="budgets: a list of step budgets instead of minutes; recipe: the default's steps (7600)")
     p.add_argument("--lever", default="default", help="budgets: the recipe to train, a name from LEVERS")
     p.add_argument("--only", default=None, help="recipe: comma-separated levers to run (default all)")
     p.add_argument("--speeds", default=None, help="recipe: a speeds.json; each lever gets the steps that take "
@@ -310,7 +310,7 @@ def compare(args):
         names = args.only.split(",") if args.only else list(LEVERS)
         for name in names:
             lever(name)
-        base = int(args.train_steps or 3946)
+        base = int(args.train_steps or 7600)  # about 20 minutes of the issue's fast machine
         rows = []
         for name in names:
             for seed in seeds:
@@ -342,7 +342,8 @@ def compare(args):
         x = "train_steps" if args.train_steps else "minutes"
         series = {f"{args.lever}, default sampling": [(r[x], r["samples"]["fid"]) for r in rows]}
         fig = figures.fid_curve(series, rows[0]["real"]["fid"],
-                                f"{args.lever} recipe: FID (N={rows[0]['n']}) against the training budget")
+                                f"{args.lever} recipe: FID (N={rows[0]['n']}) against the training budget",
+                                xlabel="training steps" if args.train_steps else "training minutes")
         save_figure(fig, os.path.join(out_dir, "budgets.png"))
     else:
         m = float(minutes or 4)

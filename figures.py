@@ -71,13 +71,13 @@ def panels(images, titles, nrow=8):
     return fig
 
 
-def fid_curve(series, floor, title):
-    """series {name: [(minutes, FID)]} of training runs, with the real-data floor as a line."""
+def fid_curve(series, floor, title, xlabel="training minutes"):
+    """series {name: [(budget, FID)]} of training runs, with the real-data floor as a line."""
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
     for name, points in series.items():
         ax.plot(*zip(*points), "o-", label=name)
     ax.axhline(floor, color="gray", ls="--", label="real images (floor)")
-    ax.set_xlabel("training minutes")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("FID")
     ax.set_yscale("log")
     ax.set_title(title, fontsize=9)

@@ -20,18 +20,18 @@ import glob
 import json
 import math
 import os
-import statistics
 import sys
 import time
 
 import torch
 
 import figures
+from bench import timed
 from ckpt import latest_checkpoint, load_checkpoint, save_checkpoint, save_figure, write_atomic
 from diffusion import Diffusion
 from errors import UserError
-from evaluate import Judge, evaluate
-from hardware import pick_hardware, sync
+from evaluate import Judge, as_asked, evaluate
+from hardware import pick_hardware
 from model import build_network
 from sample import EVERYWHERE, SampleSettings, denoiser, generate, load_sampler, sampler_plan
 from train import DEFAULTS, NO_LABEL, TrainSettings, make_trainable, network_config, train, train_step
@@ -114,7 +114,7 @@ LEVERS = {
     "lr 2e-3": {"lr": 2e-3},
     "warm-up 50": {"warmup": 50},
     "label dropout 0.2": {"label_dropout": 0.2},
-    "32 channels at 28 px": {"channels": (32, 64, 256)},  # screened only if it costs at most 15% of images/s
+    "32 channels at 28 px": {"channels": (32, 64, 256)},  # issue 16 screens it only if it costs <= 15% images/s
     "attention at 7 px": {"attention": True},
 }
 
@@ -151,8 +151,8 @@ def cost_key(name):
 
 
 def lever_speeds(names, device, amp, steps=8, repeats=3):
-    """Training images/s of each lever on this device: the median of `repeats` timings of `steps` steps on
-    random labelled batches, after two untimed steps; measured once per cost_key."""
+    """Training images/s of each lever on this device: bench.py's median of `repeats` timings of `steps` steps
+    on random labelled batches, after an untimed round; measured once per cost_key."""
     result, measured = {}, {}
     for name in names:
         if cost_key(name) in measured:
@@ -164,15 +164,13 @@ def lever_speeds(names, device, amp, steps=8, repeats=3):
         model, ema, opt = make_trainable(model_config, cfg, device)
         x0 = torch.rand(cfg["batch_size"], 1, 28, 28, device=device) * 2 - 1
         y = torch.randint(0, NO_LABEL, (cfg["batch_size"],), device=device)
-        times = []
-        for r in range(repeats + 1):
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(steps if r else 2):
+
+        def train_steps():
+            for _ in range(steps):
                 train_step(diffusion, model, ema, opt, x0, y, device, amp)
-            sync(device)
-            times.append(time.perf_counter() - t0)
-        result[name] = measured[cost_key(name)] = steps * cfg["batch_size"] / statistics.median(times[1:])
+
+        seconds = timed(train_steps, device, repeats, warmup=1)
+        result[name] = measured[cost_key(name)] = steps * cfg["batch_size"] / seconds
         print(f"{name}: {result[name]:.1f} training images/s", flush=True)
     return result
 
@@ -188,30 +186,24 @@ def lever_steps(name, train_steps, speeds):
     return round(train_steps * ratio * DEFAULTS["batch_size"] / batch)
 
 
-def raw_weights(result, root):
-    """Evaluate the raw (not averaged) weights of a row's checkpoint, as a row of its own."""
-    ckpt = load_checkpoint(result["checkpoint"])
-    path = os.path.join(root, "raw-weights", "run_001", os.path.basename(result["checkpoint"]))
-    if not os.path.exists(os.path.join(root, "raw-weights", "eval.json")):
+def evaluate_raw_weights(result, n_samples, data_dir, device, amp):
+    """The default eval of a row's raw (not averaged) weights, into ROOT/NAME/raw-weights/eval.json unless
+    already there: a copy of its checkpoint with the raw weights in the EMA's place, which sampling uses."""
+    out = os.path.join(os.path.dirname(os.path.dirname(result["checkpoint"])), "raw-weights")
+    if not os.path.exists(os.path.join(out, "eval.json")):
+        ckpt = load_checkpoint(result["checkpoint"])
+        path = os.path.join(out, "run_001", os.path.basename(result["checkpoint"]))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_checkpoint({**ckpt, "ema": ckpt["model"]}, path)
-    return path
-
-
-def evaluate_once(path, n_samples, data_dir, device, amp):
-    """The default eval of checkpoint path into the folder above its run folder, unless already there."""
-    out = os.path.dirname(os.path.dirname(path))
-    if not os.path.exists(os.path.join(out, "eval.json")):
         evaluate(SampleSettings(checkpoint=path, out_dir=out, data_dir=data_dir, n_samples=n_samples, device=device,
                                 amp=amp), cache_dir="checkpoints")
-    return json.load(open(os.path.join(out, "eval.json")))
 
 
 def worst(result):
     return min(a for a in result["as_asked"] if a is not None) if result.get("as_asked") else float("nan")
 
 
-def recipe_table(rows, root):
+def recipe_table(rows):
     """The recipe screen as markdown: each run at the default sampling and at guidance 1."""
     head = ("| lever, seed | steps | FID | precision | recall | confident | entropy | worst digit as asked "
             "| FID, guidance 1 | confident, guidance 1 |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
@@ -257,7 +249,7 @@ def screen_samplers(checkpoint, seeds, n, data_dir, out_dir, device, amp):
             fake = sp.generate(n, seed, labels=asked)
             seconds = time.time() - t0
             m, drawn = judge(fake, seed)
-            worst_digit = min((drawn[asked == d] == d).double().mean().item() for d in range(10) if (asked == d).any())
+            worst_digit = min(a for a in as_asked(drawn, asked) if a is not None)
             row = (f"| {sp.plan.describe(c.get('sampler', 'dpm2m-sde'))} | {sp.guidance:g} | {list(sp.interval)} "
                    f"| {seed} | {m['fid']:.1f} | {m['precision']:.3f} | {m['recall']:.3f} | {m['confident']:.3f} "
                    f"| {m['entropy']:.3f} | {worst_digit:.1%} | {seconds:.1f} |\n")
@@ -320,9 +312,8 @@ def compare(args):
                                      steps=steps, guidance=(1.0,))
                 rows.append(dict(row, name=f"{name}, seed {seed}"))
                 if name == "default":
-                    path = raw_weights(row, os.path.join(root, folder(f"{name}, seed {seed}, {steps} steps")))
-                    evaluate_once(path, args.n_samples or 1000, data_dir, device, amp)
-        text = recipe_table(rows, root)
+                    evaluate_raw_weights(row, args.n_samples or 1000, data_dir, device, amp)
+        text = recipe_table(rows)
         print(text)
         with open(os.path.join(out_dir, "recipe.md"), "w") as f:
             f.write(text)

@@ -58,28 +58,28 @@ class Diffusion:
         self.sqrt_one_minus_alpha_bar = (1 - alpha_bar).sqrt().float()
         self._alpha_bar = alpha_bar.tolist()  # Python floats (float64) for the sampler's per-step scalars
         # EDM's noise level sigma = sqrt((1 - alpha_bar) / alpha_bar): x_t / sqrt(alpha_bar) = x_0 + sigma eps.
-        self.log_sigma = (0.5 * ((1 - alpha_bar) / alpha_bar).log()).float()  # increasing in t
+        log_sigma = 0.5 * ((1 - alpha_bar) / alpha_bar).log()
+        self.log_sigma = log_sigma.float()  # increasing in t
         # Posterior q(x_{t-1} | x_t, x_0), eqs. (6)-(7) of DDPM.
+        coef_x0 = betas * alpha_bar_prev.sqrt() / (1 - alpha_bar)
         self.posterior_var = (betas * (1 - alpha_bar_prev) / (1 - alpha_bar)).float()
-        self.posterior_coef_x0 = (betas * alpha_bar_prev.sqrt() / (1 - alpha_bar)).float()
+        self.posterior_coef_x0 = coef_x0.float()
         self.posterior_coef_xt = ((1 - alpha_bar_prev) * (1 - betas).sqrt() / (1 - alpha_bar)).float()
-        self.t_weight, self.t_probs = self._weighting(alpha_bar, betas, alpha_bar_prev)
+        self.t_weight, self.t_probs = self._weighting(alpha_bar, log_sigma, coef_x0)
 
-    def _weighting(self, alpha_bar, betas, alpha_bar_prev):
+    def _weighting(self, alpha_bar, log_sigma, coef_x0):
         """The per-t loss weight in the objective's units and the distribution t is drawn from (None:
         uniform). An objective's squared error is a multiple of the x0 error: SNR times it for eps, once for
         x0, c0^2 times for the posterior mean (c0 its x0 coefficient), so w(t) on the x0 error is
         w(t) / that multiple on the objective's loss."""
         snr = alpha_bar / (1 - alpha_bar)
-        per_x0 = {"eps": snr, "x0": torch.ones_like(snr),
-                  "mean": (betas * alpha_bar_prev.sqrt() / (1 - alpha_bar)) ** 2}[self.objective]
+        per_x0 = {"eps": snr, "x0": torch.ones_like(snr), "mean": coef_x0 ** 2}[self.objective]
         if self.weighting == "min-snr":
             return (snr.clamp(max=MIN_SNR_GAMMA) / per_x0).float(), None
         if self.weighting == "p2":
             return (snr / (1 + snr) / per_x0).float(), None
         if self.weighting == "lognormal":
             # The probability of N(mean, std) between the midpoints of neighbouring ln sigma_t.
-            log_sigma = 0.5 * ((1 - alpha_bar) / alpha_bar).log()
             edges = torch.cat([torch.tensor([-math.inf], dtype=torch.float64), (log_sigma[1:] + log_sigma[:-1]) / 2,
                                torch.tensor([math.inf], dtype=torch.float64)])
             cdf = torch.special.ndtr((edges - LOGNORMAL_MEAN) / LOGNORMAL_STD)

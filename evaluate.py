@@ -198,6 +198,12 @@ class Judge:
         return self(self.train_x[pick], seed)[0]
 
 
+def as_asked(drawn, asked):
+    """For each digit 0-9, the share of the samples asked for it that the classifier calls it; None where
+    none was asked for (a tiny N)."""
+    return [(drawn[asked == d] == d).double().mean().item() if (asked == d).any() else None for d in range(10)]
+
+
 def evaluate(s, cache_dir):
     """The eval mode: score s.n_samples (default 1000) samples of s.checkpoint, drawn exactly as the sample
     mode draws sample.png (for a labelled run: digits from the class prior, guided), against the real-data
@@ -216,9 +222,8 @@ def evaluate(s, cache_dir):
     result = {"checkpoint": sp.path, "epoch": sp.ckpt["epoch"], "step": sp.ckpt["step"], "sampler": s.sampler,
               **sp.plan.kwargs(), "n": n, "seed": s.seed, "sampling_seconds": round(seconds, 1),
               "classifier_accuracy": judge.accuracy, "guidance": sp.guidance}
-    if asked is not None:  # how often each digit is drawn as asked
-        per_digit = [(drawn[asked == d] == d).double().mean().item() if (asked == d).any() else None
-                     for d in range(10)]  # None: the class prior never asked for that digit (tiny N)
+    if asked is not None:
+        per_digit = as_asked(drawn, asked)
         result.update(as_asked=per_digit, interval=list(sp.interval))
     print(f"{n} samples in {seconds:.1f} s; classifier test accuracy {judge.accuracy:.2%}; "
           f"'real' is {n} training images, the floor at this N")

@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
@@ -107,12 +108,10 @@ def network_config(cfg, num_classes):
 
 def power_ema_exponent(length):
     """EDM2's gamma for a relative standard deviation `length` of the averaging profile (Karras et al. 2024,
-    eq. 3): length^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)), solved by bisection (decreasing in gamma)."""
-    lo, hi = 0.0, 1e6
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if (mid + 1) / ((mid + 2) ** 2 * (mid + 3)) > length ** 2 else (lo, mid)
-    return (lo + hi) / 2
+    eq. 3): length^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)), the largest real root of
+    gamma^3 + 7 gamma^2 + (16 - length^-2) gamma + 12 - length^-2."""
+    inv = length ** -2
+    return float(np.roots([1, 7, 16 - inv, 12 - inv]).real.max())
 
 
 def ema_update(decay, length=None):

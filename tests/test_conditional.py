@@ -129,3 +129,19 @@ def test_labels_asked_of_an_unlabelled_checkpoint(capsys, unlabelled, mnist_root
     assert run.main([*argv, "--checkpoint", unlabelled, "--data-dir", mnist_root, "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and expect in err and unlabelled in err and "\n" not in err
+
+
+def test_default_sampling_guides_only_from_a_tenth_to_six_tenths_of_t(trained, monkeypatch):
+    """Without --guidance-interval the sampler guides (one network call on the batch stacked twice) exactly at
+    t in [0.1 T, 0.6 T], and runs once, conditional, everywhere else."""
+    calls, forward = [], UNet.forward
+
+    def recording(self, x, t, y=None):
+        calls.append((x.shape[0], int(t[0])))
+        return forward(self, x, t, y)
+    monkeypatch.setattr(UNet, "forward", recording)
+    sp = sample.load_sampler(sample.SampleSettings(checkpoint=trained["checkpoint"], sampler="ddim", steps=20))
+    assert sp.guidance == sample.DEFAULT_GUIDANCE not in (0, 1) and sp.interval == (2, 12)  # T = 20
+    sp.generate(4, 0, labels=sp.labels(4, 0))
+    assert sorted(t for b, t in calls if b == 8) == list(range(2, 13))
+    assert sorted(t for b, t in calls if b == 4) == [0, 1, *range(13, 20)]

@@ -39,6 +39,9 @@ VALUES = {
     "--loss": ["mse", "l1", "huber"],
     "--label-dropout": ["0", "0.5", "1", "-0.1"],
     "--keep": ["1", "0"],
+    "--train-steps": ["1", "0"],
+    "--weighting": ["p2", "lognormal", "snr"],
+    "--ema-length": ["0.1", "0.3", "0"],
     "--eval-every": ["1", "0"],
     "--n-samples": ["1", "3", "0"],
     "--sampler": ["ddpm", "ddim", "dpm2m", "dpm2m-sde", "heun", "euler"],
@@ -50,7 +53,7 @@ VALUES = {
     "--digit": ["0", "9", "10", "-1"],
     "--guidance": ["0", "1", "3", "-1", "nan"],
 }
-SWITCHES = ["--resume", "--unconditional"]  # --compile left out: it compiles for a minute; --help exits early
+SWITCHES = ["--resume", "--unconditional", "--attention"]  # --compile left out: it compiles for a minute; --help exits early
 
 flag_and_value = st.sampled_from(sorted(VALUES)).flatmap(lambda f: st.sampled_from(VALUES[f]).map(lambda v: [f, v]))
 junk = st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=6).map(lambda s: [s])  # argv has no NUL

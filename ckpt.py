@@ -141,6 +141,7 @@ def load_checkpoint(path):
                         f"or not from run.py; pick another with --checkpoint") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a checkpoint written by run.py; pick another with --checkpoint")
+    ckpt["diffusion_config"].setdefault("mean_skip", False)  # a mean network from before the skip outputs it whole
     return ckpt
 
 
@@ -167,6 +168,8 @@ def reconcile(given, defaults, ckpt=None, path=None):
         cfg[key] = value
     if not cfg["conditional"] and given.get("label_dropout") is not None:
         raise UserError("--label-dropout needs labels; drop it or drop --unconditional")
+    if not ckpt and cfg["objective"] == "mean" and given.get("weighting") is None:
+        cfg["weighting"] = "vlb"  # the posterior mean trains only under the bound's weighting (DDPM Table 2)
     if given.get("ema_length") is not None and given.get("ema_decay") is not None:
         raise UserError("--ema-length and --ema-decay choose between two EMAs; give one of them")
     if given.get("ema_decay") is not None and cfg["ema_length"] is not None:  # --ema-decay: the classic EMA

@@ -1,6 +1,7 @@
 """Train several runs for a budget each, evaluate them the same way, and tabulate and plot the results.
 
     python compare.py budgets --minutes 5,20,45   # the default recipe at each budget: FID against minutes
+    python compare.py budgets --lever 'default,old default' --minutes 5,10,20,40 --speeds docs/fast-machine.json
     python compare.py variants --minutes 4         # what to predict, which loss, which network
     python compare.py speeds                       # training images/s of each recipe lever on this machine
     python compare.py recipe --train-steps 7600 --speeds gen/speeds.json --seeds 0,1   # issue 16's levers
@@ -32,29 +33,20 @@ from diffusion import Diffusion
 from errors import UserError
 from evaluate import Judge, as_asked, evaluate
 from hardware import pick_hardware
-from model import build_network
-from sample import EVERYWHERE, SampleSettings, denoiser, generate, load_sampler, sampler_plan
+from sample import EVERYWHERE, SampleSettings, load_sampler
 from train import DEFAULTS, NO_LABEL, TrainSettings, make_trainable, network_config, train, train_step
-
-# The seeds' variants, each against the design card's eps / mse / U-Net; all without labels. The default MLP
-# matches the U-Net's parameters; the wide one is wider than the image, so the noise can pass through it.
-VARIANTS = {
-    "eps, mse, unet (design card)": {},
-    "x0, mse, unet": {"objective": "x0"},
-    "mean, mse, unet": {"objective": "mean"},
-    "eps, l1, unet": {"loss": "l1"},
-    "eps, mse, mlp": {"arch": "mlp"},
-    "eps, mse, mlp 1024 wide x 4": {"arch": "mlp", "width": 1024, "depth": 4},
-}
-
 
 def folder(name):
     return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
 
 
-def train_and_eval(root, name, minutes, given, n_samples, data_dir, device, amp, steps=None, guidance=()):
+GUIDANCE_1 = {"guidance-1": {"guidance": 1.0}}  # the extra eval of every labelled run: plain conditional
+
+
+def train_and_eval(root, name, minutes, given, n_samples, data_dir, device, amp, steps=None, extra=GUIDANCE_1):
     """Train ROOT/NAME for `minutes` or `steps` with the run settings `given` unless its eval.json exists, and
-    evaluate it (also at each extra guidance, into NAME/guidance-W/eval.json); returns a result row."""
+    evaluate it with the default sampling, and with each of `extra` ({folder: SampleSettings fields}) into
+    NAME/folder/eval.json; returns a result row."""
     d = os.path.join(root, folder(name))
     report = os.path.join(d, "eval.json")
     if os.path.exists(report):
@@ -72,10 +64,9 @@ def train_and_eval(root, name, minutes, given, n_samples, data_dir, device, amp,
         if code != 0:
             sys.exit(f"error: training {name} failed")
         # The classifier cache stays in the default checkpoints/ folder, shared by every run.
-        for w in guidance:
-            evaluate(SampleSettings(checkpoint=latest_checkpoint(d), out_dir=os.path.join(d, f"guidance-{w:g}"),
-                                    data_dir=data_dir, n_samples=n_samples, guidance=w, device=device, amp=amp),
-                     cache_dir="checkpoints")
+        for sub, fields in extra.items():
+            evaluate(SampleSettings(checkpoint=latest_checkpoint(d), out_dir=os.path.join(d, sub), data_dir=data_dir,
+                                    n_samples=n_samples, device=device, amp=amp, **fields), cache_dir="checkpoints")
         evaluate(SampleSettings(checkpoint=latest_checkpoint(d), out_dir=d, data_dir=data_dir, n_samples=n_samples,
                                 device=device, amp=amp), cache_dir="checkpoints")
     result = json.load(open(report))
@@ -83,7 +74,7 @@ def train_and_eval(root, name, minutes, given, n_samples, data_dir, device, amp,
     log = ckpt["log"]
     images = sum(r["images_per_s"] * r["seconds"] for r in log)
     return {**result, "name": name, "minutes": ckpt["elapsed"] / 60, "train_steps": ckpt["step"],
-            "parameters": sum(v.numel() for v in ckpt["model"].values()),
+            "parameters": sum(v.numel() for v in ckpt["ema"].values()),
             "images_per_s": images / sum(r["seconds"] for r in log)}
 
 
@@ -118,18 +109,27 @@ LEVERS = {
     "attention at 7 px": {"attention": True},
 }
 
+# Issue 17's variants against the default (x0 prediction, mse, the U-Net): what the network predicts, the loss
+# and the network; then the MLP shapes screened for the MLP's default.
+VARIANTS = {
+    "default": {},
+    "eps prediction": {"objective": "eps"},
+    "mean prediction": {"objective": "mean"},  # under the bound's weighting, vlb (ckpt.reconcile)
+    "l1 loss": {"loss": "l1"},
+    "mlp": {"arch": "mlp"},
+}
+MLP_SHAPES = {f"mlp {w} x {d}": {"arch": "mlp", "width": w, "depth": d}
+              for w, d in [(512, 3), (1024, 3), (1024, 5), (2048, 3), (2048, 5)]}  # width x residual blocks
+KNOWN = {**LEVERS, **VARIANTS, **MLP_SHAPES}
+
 # Issue 14's screen: solver, steps and guidance, on one checkpoint (fields of SampleSettings).
 SAMPLER_CONFIGS = [
-    dict(guidance=1.0), dict(guidance=1.5, interval=EVERYWHERE), dict(guidance=2.0, interval=EVERYWHERE),
-    dict(guidance=3.0, interval=EVERYWHERE),
-    dict(guidance=1.5, interval=(100, 600)), dict(guidance=2.0, interval=(100, 600)),
-    dict(guidance=3.0, interval=(100, 600)), dict(guidance=4.0, interval=(100, 600)),
-    dict(guidance=2.0, interval=EVERYWHERE, steps=10), dict(guidance=2.0, interval=EVERYWHERE, steps=15),
-    dict(guidance=2.0, interval=EVERYWHERE, sampler="ddim", steps=50),
-    dict(guidance=2.0, interval=EVERYWHERE, sampler="dpm2m", steps=20),
-    dict(guidance=2.0, interval=EVERYWHERE, sampler="heun", steps=10, churn=0),
-    dict(guidance=2.0, interval=EVERYWHERE, sampler="heun", steps=10, churn=2),
-    dict(guidance=2.0, interval=EVERYWHERE, sampler="heun", steps=10, churn=5),
+    *[dict(sampler="dpm2m", guidance=w) for w in (1.0, 1.25, 1.5, 1.75, 2.0)],  # in the default interval
+    dict(sampler="dpm2m", guidance=1.5, steps=10), dict(sampler="dpm2m", guidance=1.5, steps=15),
+    dict(sampler="dpm2m", guidance=1.5, interval=(100, 800)), dict(sampler="dpm2m", guidance=1.5, interval=EVERYWHERE),
+    dict(sampler="dpm2m-sde", guidance=1.5), dict(sampler="dpm2m-sde", guidance=1.0),
+    dict(sampler="ddim", guidance=1.5, steps=50),
+    dict(sampler="heun", guidance=1.5, steps=10), dict(sampler="heun", guidance=1.25, steps=10),
 ]
 
 
@@ -137,9 +137,9 @@ def lever(name):
     """The run settings of a lever, or of levers joined by " + " (applied left to right)."""
     given = {}
     for part in name.split(" + "):
-        if part not in LEVERS:
-            raise UserError(f"unknown lever {part!r}; choose from {', '.join(LEVERS)}, or join them with ' + '")
-        given.update(LEVERS[part])
+        if part not in KNOWN:
+            raise UserError(f"unknown lever {part!r}; choose from {', '.join(KNOWN)}, or join them with ' + '")
+        given.update(KNOWN[part])
     return given
 
 
@@ -147,7 +147,7 @@ def cost_key(name):
     """What a training step's cost depends on: the network and the batch (the loss weighting, objective,
     learning rate and EMA cost next to nothing)."""
     cfg = {**DEFAULTS, **lever(name)}
-    return tuple(cfg[k] for k in ("arch", "channels", "blocks", "attention", "batch_size"))
+    return tuple(cfg[k] for k in ("arch", "channels", "blocks", "attention", "width", "depth", "batch_size"))
 
 
 def lever_speeds(names, device, amp, steps=8, repeats=3):
@@ -180,10 +180,22 @@ def lever_steps(name, train_steps, speeds):
     if speeds is None:
         return train_steps
     batch = {**DEFAULTS, **lever(name)}["batch_size"]
-    # A combination's speed: its own if measured, else the product of its parts' relative speeds.
-    ratio = speeds[name] / speeds["default"] if name in speeds else math.prod(
-        speeds[part] / speeds["default"] for part in name.split(" + "))
-    return round(train_steps * ratio * DEFAULTS["batch_size"] / batch)
+    return round(train_steps * speed_of(name, speeds) / speed_of("default", speeds) * DEFAULTS["batch_size"] / batch)
+
+
+def speed_of(name, speeds):
+    """A recipe's images/s in `speeds`: its own if measured, else that of a measured recipe of the same cost_key,
+    else the product of its parts' speeds relative to the default's."""
+    if name in speeds:
+        return speeds[name]
+    same = [v for k, v in speeds.items()
+            if all(part in KNOWN for part in k.split(" + ")) and cost_key(k) == cost_key(name)]
+    if same:
+        return same[0]
+    if " + " not in name:
+        raise UserError(f"no speed for {name!r} in the speeds file; run python compare.py speeds")
+    return speed_of("default", speeds) * math.prod(speed_of(part, speeds) / speed_of("default", speeds)
+                                                   for part in name.split(" + "))
 
 
 def evaluate_raw_weights(result, n_samples, data_dir, device, amp):
@@ -197,6 +209,49 @@ def evaluate_raw_weights(result, n_samples, data_dir, device, amp):
         save_checkpoint({**ckpt, "ema": ckpt["model"]}, path)
         evaluate(SampleSettings(checkpoint=path, out_dir=out, data_dir=data_dir, n_samples=n_samples, device=device,
                                 amp=amp), cache_dir="checkpoints")
+
+
+def budget_runs(root, names, minutes, train_steps, speeds_file, seed, n_samples, data_dir, device, amp,
+                extra=GUIDANCE_1):
+    """Each recipe in `names` at each budget: --minutes of wall clock, or --train-steps; with a speeds file,
+    each minute budget becomes the steps those minutes buy at that recipe's images/s there (so a fast
+    machine can draw a slow one's curve), and step budgets are the default's, each recipe given the steps of
+    the same time. Returns the result rows and {recipe: [(minutes or steps, FID, confident)]}."""
+    speeds = json.load(open(speeds_file)) if speeds_file else None
+    budgets = [float(x) for x in (train_steps or minutes or "5,20,45").split(",")]
+    rows, series = [], {}
+    for name in names:
+        given = {**lever(name), "seed": seed}
+        batch = {**DEFAULTS, **given}["batch_size"]
+        for b in budgets:
+            if speeds and not train_steps:
+                steps, x = round(b * 60 * speed_of(name, speeds) / batch), b
+            elif speeds:
+                steps = lever_steps(name, int(b), speeds)
+                x = steps * batch / speed_of(name, speeds) / 60
+            else:
+                steps, x = (int(b), int(b)) if train_steps else (None, b)
+            run = f"{name}, seed {seed}, {steps} steps" if steps else f"{name}, {b:g} min"
+            r = train_and_eval(root, run, None if steps else b, given, n_samples, data_dir, device, amp,
+                               steps=steps, extra=extra)
+            rows.append(r)
+            series.setdefault(name, []).append((x, r["samples"]["fid"], r["samples"]["confident"]))
+    return rows, series
+
+
+def variants_table(rows):
+    """The variants as markdown: each run at its default sampling and with the ancestral DDPM sampler."""
+    head = ("| variant | steps | train img/s | parameters | sampler | FID | confident | worst digit as asked "
+            "| FID, ddpm | confident, ddpm |\n| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |\n")
+    body = ""
+    for r in rows:
+        d = os.path.dirname(os.path.dirname(r["checkpoint"]))
+        ddpm = json.load(open(os.path.join(d, "ddpm", "eval.json")))["samples"]
+        body += (f"| {r['name']} | {r['train_steps']} | {r['images_per_s']:.0f} | {r['parameters']:,} | {r['sampler']} "
+                 f"{r['steps']} | {r['samples']['fid']:.1f} | {r['samples']['confident']:.3f} | {worst(r):.1%} "
+                 f"| {ddpm['fid']:.1f} | {ddpm['confident']:.3f} |\n")
+    floor = rows[0]["real"]
+    return head + body + f"| real images, N={rows[0]['n']} (floor) | | | | | {floor['fid']:.1f} | {floor['confident']:.3f} | | | |\n"
 
 
 def worst(result):
@@ -250,7 +305,7 @@ def screen_samplers(checkpoint, seeds, n, data_dir, out_dir, device, amp):
             seconds = time.time() - t0
             m, drawn = judge(fake, seed)
             worst_digit = min(a for a in as_asked(drawn, asked) if a is not None)
-            row = (f"| {sp.plan.describe(c.get('sampler', 'dpm2m-sde'))} | {sp.guidance:g} | {list(sp.interval)} "
+            row = (f"| {sp.plan.describe(sp.sampler)} | {sp.guidance:g} | {list(sp.interval)} "
                    f"| {seed} | {m['fid']:.1f} | {m['precision']:.3f} | {m['recall']:.3f} | {m['confident']:.3f} "
                    f"| {m['entropy']:.3f} | {worst_digit:.1%} | {seconds:.1f} |\n")
             print(row, end="", flush=True)
@@ -265,10 +320,12 @@ def main(argv=None):
     p.add_argument("--minutes", default=None, help="budgets: a list like 5,20,45; variants: one number (4)")
     p.add_argument("--train-steps", default=None,
                    help="budgets: a list of step budgets instead of minutes; recipe: the default's steps (7600)")
-    p.add_argument("--lever", default="default", help="budgets: the recipe to train, a name from LEVERS")
+    p.add_argument("--lever", default="default",
+                   help="budgets: the recipes to train, comma-separated names from LEVERS (default: default)")
     p.add_argument("--only", default=None, help="recipe: comma-separated levers to run (default all)")
-    p.add_argument("--speeds", default=None, help="recipe: a speeds.json; each lever gets the steps that take "
-                                                  "the default's CPU time (default: equal steps)")
+    p.add_argument("--speeds", default=None, help="recipe, budgets: a speeds.json ({lever: images/s}); each lever "
+                   "gets the steps that take the default's time, and budgets' --minutes become the steps those "
+                   "minutes buy at these speeds (default: equal steps, wall-clock minutes)")
     p.add_argument("--seeds", default="0", help="recipe, samplers: comma-separated seeds (default 0)")
     p.add_argument("--checkpoint", default=None, help="samplers: the checkpoint to screen")
     p.add_argument("--root", default="experiments", help="where the runs go (default experiments)")
@@ -290,7 +347,8 @@ def compare(args):
     os.makedirs(out_dir, exist_ok=True)
     seeds = [int(x) for x in args.seeds.split(",")]
     if what == "speeds":
-        speeds = lever_speeds(list(LEVERS), device, amp)
+        names = args.only.split(",") if args.only else list(LEVERS)
+        speeds = lever_speeds(names, device, amp)
         out = os.path.join(out_dir, "speeds.json")
         write_atomic(out, lambda f: f.write((json.dumps(speeds, indent=1) + "\n").encode()))
         print(f"wrote {out}")
@@ -309,7 +367,7 @@ def compare(args):
                 steps = lever_steps(name, base, speeds)
                 row = train_and_eval(root, f"{name}, seed {seed}, {steps} steps", None,
                                      {**lever(name), "seed": seed}, args.n_samples or 1000, data_dir, device, amp,
-                                     steps=steps, guidance=(1.0,))
+                                     steps=steps)
                 rows.append(dict(row, name=f"{name}, seed {seed}"))
                 if name == "default":
                     evaluate_raw_weights(row, args.n_samples or 1000, data_dir, device, amp)
@@ -321,36 +379,32 @@ def compare(args):
         return
     n_samples, minutes = args.n_samples, args.minutes
     if what == "budgets":
-        given = lever(args.lever)
-        if args.train_steps:
-            budgets = [int(x) for x in args.train_steps.split(",")]
-            rows = [train_and_eval(root, f"{args.lever}, {b} steps", None, given, n_samples or 1000, data_dir,
-                                   device, amp, steps=b, guidance=(1.0,)) for b in budgets]
-        else:
-            budgets = [float(m) for m in (minutes or "5,20,45").split(",")]
-            rows = [train_and_eval(root, f"{args.lever}, {m:g} min", m, given, n_samples or 1000, data_dir, device,
-                                   amp, guidance=(1.0,)) for m in budgets]
-        x = "train_steps" if args.train_steps else "minutes"
-        series = {f"{args.lever}, default sampling": [(r[x], r["samples"]["fid"]) for r in rows]}
-        fig = figures.fid_curve(series, rows[0]["real"]["fid"],
-                                f"{args.lever} recipe: FID (N={rows[0]['n']}) against the training budget",
-                                xlabel="training steps" if args.train_steps else "training minutes")
+        rows, series = budget_runs(root, args.lever.split(","), minutes, args.train_steps, args.speeds, seeds[0],
+                                   n_samples or 1000, data_dir, device, amp)
+        by_minutes = bool(args.speeds) or not args.train_steps
+        xlabel = ("training minutes at the speeds in " + os.path.basename(args.speeds) if args.speeds else
+                  "training minutes" if by_minutes else "training steps")
+        fig = figures.budget_curves(series, rows[0]["real"], f"FID and confident share (N={rows[0]['n']}, "
+                                    "default sampling) against the training budget", xlabel)
         save_figure(fig, os.path.join(out_dir, "budgets.png"))
     else:
-        m = float(minutes or 4)
-        rows = [train_and_eval(root, name, m, {"conditional": False, **given}, n_samples or 500, data_dir, device,
-                               amp) for name, given in VARIANTS.items()]
+        names = args.only.split(",") if args.only else list(VARIANTS)
+        # Each variant also sampled by the ancestral DDPM sampler, the one sampler every objective takes.
+        rows, _ = budget_runs(root, names, minutes or (None if args.train_steps else "20"), args.train_steps,
+                              args.speeds, seeds[0], n_samples or 1000, data_dir, device, amp,
+                              extra={**GUIDANCE_1, "ddpm": {"sampler": "ddpm"}})
         grids = []
-        for r in rows:
-            ckpt = load_checkpoint(r["checkpoint"])
-            diffusion = Diffusion(**ckpt["diffusion_config"])
-            model = build_network(ckpt["model_config"])
-            model.load_state_dict(ckpt["ema"])
-            denoise = denoiser(model.eval(), torch.device("cpu"), None)
-            plan = sampler_plan("ddim", None, None, None, diffusion.timesteps)
-            grids.append(generate(denoise, diffusion, 64, plan, torch.device("cpu"), seed=0))
+        for r in rows:  # what sample.png shows: 64 digits of the class prior, default sampling
+            sp = load_sampler(SampleSettings(checkpoint=r["checkpoint"], device=device, amp=amp))
+            grids.append(sp.generate(64, 0, labels=sp.labels(64, 0)))
         save_figure(figures.panels(grids, [f"{r['name']}\nFID {r['samples']['fid']:.0f}" for r in rows]),
                     os.path.join(out_dir, "variants.png"))
+        text = variants_table(rows)
+        print(text)
+        with open(os.path.join(out_dir, "variants.md"), "w") as f:
+            f.write(text)
+        print(f"wrote {out_dir}/variants.md and {out_dir}/variants.png")
+        return
     text = table(rows)
     print(text)
     with open(os.path.join(out_dir, f"{what}.md"), "w") as f:

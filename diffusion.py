@@ -1,8 +1,8 @@
 """The DDPM noise process: linear-beta schedule, forward noising, the training loss and the samplers.
 
 The network is always an argument (`model(x, t) -> output`), never an attribute, so this object holds
-no trainable state. What the output means is the objective: the noise eps (DDPM's choice, the default),
-the clean image x0, or the posterior mean of x_{t-1}; all three share the sampling loop.
+no trainable state. What the output means is the objective: the noise eps (DDPM's choice), the clean
+image x0 (the default), or the posterior mean of x_{t-1}; all three share the sampling loop.
 References: Ho et al. 2020 (DDPM, arXiv:2006.11239), Song et al. 2021 (DDIM, arXiv:2010.02502), Lu et al.
 2022 (DPM-Solver++, arXiv:2211.01095) and Karras et al. 2022 (EDM, arXiv:2206.00364); equation numbers
 below are theirs.
@@ -23,7 +23,10 @@ OBJECTIVES = ("eps", "x0", "mean")
 #   p2: t uniform, w = SNR / (1 + SNR) (Choi et al. 2022, "Perception prioritized training", k=1, gamma=1)
 #   lognormal: t drawn so that EDM's ln sigma ~ N(-1.2, 1.2) (Karras et al. 2022), the objective's loss
 #              unweighted: few draws near pure noise, where uniform t spends about 40% of them
-WEIGHTINGS = ("uniform", "min-snr", "p2", "lognormal")
+#   vlb: t uniform, the variational bound's own weight, || mu - mu_theta ||^2 / (2 beta_t) on the posterior
+#        mean (DDPM eq. 8 with sigma_t^2 = beta_t), i.e. w = c0^2 / (2 beta_t) on the x0 error; scaled to
+#        average 1 over t. The default of the posterior-mean objective, which fails unweighted (DDPM Table 2)
+WEIGHTINGS = ("uniform", "min-snr", "p2", "lognormal", "vlb")
 MIN_SNR_GAMMA = 5.0
 LOGNORMAL_MEAN, LOGNORMAL_STD = -1.2, 1.2
 LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
@@ -34,7 +37,7 @@ MIN_TIMESTEPS = 20  # scaled by 1000/T, the paper's last beta (0.02) exceeds 1 b
 
 class Diffusion:
     def __init__(self, timesteps=1000, beta_start=1e-4, beta_end=0.02, objective="eps", loss="mse",
-                 weighting="uniform"):
+                 weighting="uniform", mean_skip=True):
         if timesteps < 1 or 1000 / timesteps * beta_end > 1 + 1e-9:
             raise ValueError(f"timesteps must be at least {1000 * beta_end:g}: the betas, scaled by 1000/T, "
                              f"would exceed 1")
@@ -43,6 +46,12 @@ class Diffusion:
                              f"one of {WEIGHTINGS}")
         self.timesteps, self.objective, self.loss_type, self.weighting = timesteps, objective, loss, weighting
         self.beta_start, self.beta_end = beta_start, beta_end
+        # The posterior mean is c_t x_t + c_0 x_0 with c_t near 1 and c_0 down to 1e-4: a network that outputs
+        # it whole must copy x_t to better than one step's noise, or its errors add up over the T ancestral
+        # steps into saturated images (FID 2300 after 7,601 steps, docs/variants.md). With mean_skip it
+        # outputs the mean's step from x_t, mean - x_t (a skip connection, as EDM's c_skip), whose scale is
+        # that of one step. Checkpoints from before it hold mean_skip=False (ckpt.load_checkpoint).
+        self.mean_skip = mean_skip
         # The paper's betas are for T=1000. Scaling them by 1000/T keeps alpha_bar at T near 0 for
         # smaller T, so sampling starts from (almost) pure noise; capped below 1 for tiny T.
         scale = 1000 / timesteps
@@ -65,9 +74,9 @@ class Diffusion:
         self.posterior_var = (betas * (1 - alpha_bar_prev) / (1 - alpha_bar)).float()
         self.posterior_coef_x0 = coef_x0.float()
         self.posterior_coef_xt = ((1 - alpha_bar_prev) * (1 - betas).sqrt() / (1 - alpha_bar)).float()
-        self.t_weight, self.t_probs = self._weighting(alpha_bar, log_sigma, coef_x0)
+        self.t_weight, self.t_probs = self._weighting(alpha_bar, log_sigma, coef_x0, betas)
 
-    def _weighting(self, alpha_bar, log_sigma, coef_x0):
+    def _weighting(self, alpha_bar, log_sigma, coef_x0, betas):
         """The per-t loss weight in the objective's units and the distribution t is drawn from (None:
         uniform). An objective's squared error is a multiple of the x0 error: SNR times it for eps, once for
         x0, c0^2 times for the posterior mean (c0 its x0 coefficient), so w(t) on the x0 error is
@@ -78,6 +87,9 @@ class Diffusion:
             return (snr.clamp(max=MIN_SNR_GAMMA) / per_x0).float(), None
         if self.weighting == "p2":
             return (snr / (1 + snr) / per_x0).float(), None
+        if self.weighting == "vlb":
+            w = coef_x0 ** 2 / (2 * betas) / per_x0
+            return (w / w.mean()).float(), None
         if self.weighting == "lognormal":
             # The probability of N(mean, std) between the midpoints of neighbouring ln sigma_t.
             edges = torch.cat([torch.tensor([-math.inf], dtype=torch.float64), (log_sigma[1:] + log_sigma[:-1]) / 2,
@@ -88,7 +100,8 @@ class Diffusion:
 
     def config(self):
         return {"timesteps": self.timesteps, "beta_start": self.beta_start, "beta_end": self.beta_end,
-                "objective": self.objective, "loss": self.loss_type, "weighting": self.weighting}
+                "objective": self.objective, "loss": self.loss_type, "weighting": self.weighting,
+                "mean_skip": self.mean_skip}
 
     @staticmethod
     def _at(a, t, x):
@@ -105,13 +118,15 @@ class Diffusion:
         return mean, self._at(self.posterior_var, t, xt)
 
     def target(self, x0, xt, t, noise):
-        """What the network learns to output for x_t: eps, x_0, or the posterior mean of x_{t-1} (eq. 7)."""
+        """What the network learns to output for x_t: eps, x_0, or the posterior mean of x_{t-1} (eq. 7), as its
+        step from x_t with mean_skip."""
         if self.objective == "eps":
             return noise
         elif self.objective == "x0":
             return x0
         elif self.objective == "mean":
-            return self.q_posterior(x0, xt, t)[0]
+            mean = self.q_posterior(x0, xt, t)[0]
+            return mean - xt if self.mean_skip else mean
         else:
             raise ValueError(f"unknown objective {self.objective!r}")
 
@@ -154,10 +169,14 @@ class Diffusion:
             x0 = out
         elif self.objective == "mean":
             c0, ct = self._mean_coefs(t)
-            x0 = (out - ct * xt) / c0  # eq. (7) of DDPM, mean = c0 x_0 + ct x_t, solved for x_0
+            x0 = (self.mean(out, xt) - ct * xt) / c0  # eq. (7) of DDPM, mean = c0 x_0 + ct x_t, solved for x_0
         else:
             raise ValueError(f"unknown objective {self.objective!r}")
         return x0.clamp(-1, 1)
+
+    def mean(self, out, xt):
+        """The posterior mean of x_{t-1} that a mean network's output says."""
+        return xt + out if self.mean_skip else out
 
     def _mean_coefs(self, t):
         """c0, ct of the posterior mean of x_{t-1} (not of x_{t_prev}): eq. (7), mean = c0 x_0 + ct x_t."""
@@ -178,7 +197,8 @@ class Diffusion:
         ab_prev = self._alpha_bar[t_prev] if t_prev >= 0 else 1.0
         if self.objective == "mean" and t_prev == t - 1 and eta == 1 and t_prev >= 0:
             var = self.posterior_var[t].item()
-            x_prev = out + var ** 0.5 * noise if var > 0 else out
+            mean = self.mean(out, xt)
+            x_prev = mean + var ** 0.5 * noise if var > 0 else mean
             return x_prev, self.predict_x0(out, xt, t)
         x0 = self.predict_x0(out, xt, t)
         eps = (xt - ab ** 0.5 * x0) / (1 - ab) ** 0.5  # the noise consistent with the clipped x_0

@@ -219,7 +219,7 @@ def evaluate(s, cache_dir):
     seconds = time.time() - t0
     samples, drawn = judge(fake, s.seed)
     rows = {"samples": samples, "real": judge.floor(n, s.seed)}
-    result = {"checkpoint": sp.path, "epoch": sp.ckpt["epoch"], "step": sp.ckpt["step"], "sampler": s.sampler,
+    result = {"checkpoint": sp.path, "epoch": sp.ckpt["epoch"], "step": sp.ckpt["step"], "sampler": sp.sampler,
               **sp.plan.kwargs(), "n": n, "seed": s.seed, "sampling_seconds": round(seconds, 1),
               "classifier_accuracy": judge.accuracy, "guidance": sp.guidance}
     if asked is not None:

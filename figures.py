@@ -71,17 +71,21 @@ def panels(images, titles, nrow=8):
     return fig
 
 
-def fid_curve(series, floor, title, xlabel="training minutes"):
-    """series {name: [(budget, FID)]} of training runs, with the real-data floor as a line."""
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+def budget_curves(series, floor, title, xlabel):
+    """series {recipe: [(budget, FID, confident share)]}: FID (log) and the confident share side by side, with
+    the real images' figures as dashed lines."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
     for name, points in series.items():
-        ax.plot(*zip(*points), "o-", label=name)
-    ax.axhline(floor, color="gray", ls="--", label="real images (floor)")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("FID")
-    ax.set_yscale("log")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+        x, fid, confident = zip(*points)
+        a.plot(x, fid, "o-", label=name)
+        b.plot(x, confident, "o-", label=name)
+    for ax, value, ylabel in ((a, floor["fid"], "FID"), (b, floor["confident"], "confident share")):
+        ax.axhline(value, color="gray", ls="--", label="real images (floor)")
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+    a.set_yscale("log")
+    b.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig

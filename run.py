@@ -151,7 +151,8 @@ def build_parser():
     g.add_argument("--weighting", choices=WEIGHTINGS,
                    help="where the loss is spent over t: uniform t, unweighted (DDPM); min-snr: x0 error weighted "
                         "min(SNR, 5); p2: weighted SNR/(1+SNR); lognormal: t drawn with EDM's ln sigma ~ "
-                        f"N(-1.2, 1.2), few draws near pure noise (default {D['weighting']})")
+                        "N(-1.2, 1.2), few draws near pure noise; vlb: the variational bound's weight, "
+                        f"1/(2 beta_t) on the posterior mean (default {D['weighting']}; vlb for --objective mean)")
     g.add_argument("--timesteps", type=timestep_count, metavar="T", help=f"diffusion steps (default {D['timesteps']})")
     g.add_argument("--channels", type=channel_list, metavar="A,B,C",
                    help=f"U-Net widths at 28, 14 and 7 pixels (default {fmt(D['channels'])})")
@@ -174,7 +175,7 @@ def build_parser():
     g.add_argument("--sampler", choices=SAMPLERS,
                    help="ddpm: ancestral, all T steps; ddim: --steps evenly spaced steps; dpm2m, dpm2m-sde: "
                         "DPM-Solver++(2M) and its SDE form; heun: EDM's Heun, 2 network calls a step, with "
-                        f"--churn (default {DEFAULT_SAMPLER})")
+                        f"--churn (default {DEFAULT_SAMPLER}; ddpm for a posterior-mean checkpoint)")
     g.add_argument("--steps", type=positive_int, metavar="N",
                    help="solver steps (default " + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
     g.add_argument("--eta", type=float, help="DDIM noise (Song et al. eq. 16): 0 is deterministic DDIM, 1 the "
@@ -217,7 +218,7 @@ def train_mode(args, device, amp):
 
 def sample_settings(args, device, amp):
     return SampleSettings(checkpoint=args.checkpoint or latest_checkpoint(args.ckpt_dir), out_dir=args.out_dir,
-                          data_dir=args.data_dir, n_samples=args.n_samples, sampler=args.sampler or DEFAULT_SAMPLER,
+                          data_dir=args.data_dir, n_samples=args.n_samples, sampler=args.sampler,
                           steps=args.steps, eta=args.eta, churn=args.churn, seed=args.sample_seed or 0,
                           digit=args.digit, guidance=args.guidance, interval=args.interval, device=device, amp=amp,
                           compile=args.compile)

@@ -31,7 +31,7 @@ DEFAULT_GUIDANCE = 1.5  # classifier-free guidance weight W; 1 is plain conditio
 DEFAULT_INTERVAL_SHARE = (0.1, 0.6)
 EVERYWHERE = (0, 10_000)
 SAMPLERS = ("ddpm", "ddim", "dpm2m", "dpm2m-sde", "heun")
-DEFAULT_SAMPLER = "dpm2m-sde"  # matched DDIM-50 at 20 network calls (docs/sampling.md)
+DEFAULT_SAMPLER = "dpm2m"  # beat DDIM-50 and dpm2m-sde at 20 network calls on the default recipe (docs/sampling.md)
 # Steps when --steps is not given: each solver's at about DDIM-50's quality here (docs/sampling.md).
 DEFAULT_STEPS = {"ddim": 50, "dpm2m": 20, "dpm2m-sde": 20, "heun": 10}
 BATCH = 500  # images per sampling batch: memory stays bounded whatever --n-samples asks for
@@ -44,7 +44,7 @@ class SampleSettings:
     out_dir: str = "gen"
     data_dir: str = "dataset/mnist"  # real digits for forward.png (and eval's reference)
     n_samples: Optional[int] = None  # sample 256, eval 1000
-    sampler: str = DEFAULT_SAMPLER  # one of SAMPLERS
+    sampler: Optional[str] = None  # one of SAMPLERS; default DEFAULT_SAMPLER, ddpm for a posterior-mean network
     steps: Optional[int] = None  # solver steps, default DEFAULT_STEPS[sampler]
     eta: Optional[float] = None  # DDIM noise, default 1
     churn: Optional[float] = None  # Heun's S_churn, default 0
@@ -166,6 +166,7 @@ class Sampler:
     diffusion: Diffusion
     denoise: object  # eps(x, t, y=None, w=1)
     plan: Plan
+    sampler: str  # its name, one of SAMPLERS
     guidance: Optional[float]  # None for an unlabelled checkpoint
     interval: tuple  # the timesteps (lo, hi) where guidance applies
     device: torch.device
@@ -190,10 +191,14 @@ def load_sampler(s):
     """The checkpoint s.checkpoint as a Sampler, its settings checked against what s asks for."""
     ckpt = load_checkpoint(s.checkpoint)
     diffusion = Diffusion(**ckpt["diffusion_config"])
-    plan = sampler_plan(s.sampler, s.steps, s.eta, s.churn, diffusion.timesteps)
-    if plan.solver == "heun" and diffusion.objective == "mean":
-        raise UserError(f"{s.checkpoint} predicts the posterior mean, defined only at whole timesteps; "
-                        f"--sampler heun needs eps or x0: pick another sampler")
+    mean = diffusion.objective == "mean"
+    sampler = s.sampler or ("ddpm" if mean else DEFAULT_SAMPLER)
+    plan = sampler_plan(sampler, s.steps, s.eta, s.churn, diffusion.timesteps)
+    if mean and not (plan.solver == "ddim" and plan.steps == diffusion.timesteps and plan.eta == 1):
+        # x_0 = (mean - c_t x_t) / c_0, and c_0 falls to about 1e-4 at t = T-1 (diffusion._mean_coefs).
+        raise UserError(f"{s.checkpoint} predicts the posterior mean of x_(t-1), which gives x_0 only divided by a "
+                        f"coefficient as small as 1e-4, so a sampler that skips steps blows its error up into "
+                        f"noise (docs/variants.md); use --sampler ddpm, its default")
     model = build_network(ckpt["model_config"]).to(s.device)
     model.load_state_dict(ckpt["ema"])  # the EMA weights: what every sample and figure is drawn with
     model.eval()
@@ -210,10 +215,10 @@ def load_sampler(s):
     what = "unconditional" if not labelled else "labelled, no label" if guidance == 0 else (
         f"labelled, guidance {guidance:g}" + (f" at t in [{interval[0]}, {interval[1]}]"
                                               if interval[0] > 0 or interval[1] < diffusion.timesteps - 1 else ""))
-    print(f"{s.checkpoint}: epoch {ckpt['epoch']}, step {ckpt['step']}, {what}; {plan.describe(s.sampler)}; "
+    print(f"{s.checkpoint}: epoch {ckpt['epoch']}, step {ckpt['step']}, {what}; {plan.describe(sampler)}; "
           f"{s.device.type}, {'bf16' if s.amp else 'fp32'}")
     denoise = denoiser(maybe_compile(model, s.compile), s.device, s.amp, interval)
-    return Sampler(s.checkpoint, ckpt, diffusion, denoise, plan, guidance, interval, s.device)
+    return Sampler(s.checkpoint, ckpt, diffusion, denoise, plan, sampler, guidance, interval, s.device)
 
 
 def sample(s):
@@ -226,7 +231,7 @@ def sample(s):
     out = lambda name: os.path.join(s.out_dir, name)  # noqa: E731
     write_atomic(out("sample.png"), lambda f: figures.grid(x, math.ceil(math.sqrt(n))).save(f, format="PNG"))
     what = "" if s.digit is None else f", digit {s.digit}, guidance {sp.guidance:g}"
-    save_figure(figures.strips(strip, strip_labels, f"reverse process, {sp.plan.describe(s.sampler)}{what}"),
+    save_figure(figures.strips(strip, strip_labels, f"reverse process, {sp.plan.describe(sp.sampler)}{what}"),
                 out("process.png"))
     frames = figures.animation(anim, math.ceil(math.sqrt(anim.shape[1])))
     durations = [80] * (len(frames) - 1) + [1500]  # hold the finished digits

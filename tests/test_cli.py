@@ -66,7 +66,7 @@ def args(workspace, *argv):
     (["--mode", "sample", "--steps", "999"], "exceeds the checkpoint's 20 timesteps"),
     (["--mode", "train", "--checkpoint", "x.pt"], "needs --resume"),
     (["--mode", "sample", "--sampler", "ddim", "--eta", "1.5"], "--eta must be between 0 and 1"),
-    (["--mode", "sample", "--eta", "0.5"], "--eta is DDIM's; --sampler dpm2m-sde does not take it"),
+    (["--mode", "sample", "--eta", "0.5"], "--eta is DDIM's; --sampler dpm2m does not take it"),
     (["--mode", "sample", "--sampler", "ddpm", "--eta", "0"], "--sampler ddpm has eta 1"),
     (["--mode", "sample", "--sampler", "dpm2m", "--eta", "0"], "--eta is DDIM's; --sampler dpm2m does not take it"),
     (["--mode", "sample", "--churn", "5"], "--churn is for --sampler heun"),

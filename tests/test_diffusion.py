@@ -225,7 +225,10 @@ def test_a_posterior_mean_converts_to_its_x0_by_eq_7():
         c0 = betas[t] * ab[t - 1].sqrt() / (1 - ab[t])
         ct = (1 - ab[t - 1]) * (1 - betas[t]).sqrt() / (1 - ab[t])
         mean = c0 * x0 + ct * xt
-        torch.testing.assert_close(d.predict_x0(mean, xt, t), x0, atol=1e-6 / c0.item(), rtol=0)
+        # The network outputs the mean's step from x_t (mean_skip), or the mean whole (checkpoints from before).
+        torch.testing.assert_close(d.predict_x0(mean - xt, xt, t), x0, atol=1e-6 / c0.item(), rtol=0)
+        whole = Diffusion(1000, objective="mean", mean_skip=False)
+        torch.testing.assert_close(whole.predict_x0(mean, xt, t), x0, atol=1e-6 / c0.item(), rtol=0)
 
 
 def test_the_mean_objectives_last_ancestral_step_returns_the_clipped_x0():
@@ -249,6 +252,23 @@ def test_each_weighting_puts_its_weight_on_the_x0_error(objective):
         d = Diffusion(1000, objective=objective, weighting=weighting)
         assert d.t_probs is None
         assert torch.allclose(d.t_weight.double()[t] * multiple, w, rtol=1e-3)
+
+
+@pytest.mark.parametrize("objective", ["eps", "x0", "mean"])
+def test_the_vlb_weighting_is_ddpms_bound_on_the_mean_scaled_to_average_1(objective):
+    """DDPM's L_{t-1} = || mu - mu_theta ||^2 / (2 beta_t) (eq. 8, sigma_t^2 = beta_t): on the mean's error the
+    weight is 1 / (2 beta_t), on the x0 error c0^2 / (2 beta_t); the objective's weight averages 1 over t."""
+    d = Diffusion(1000, objective=objective, weighting="vlb")
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    ab = torch.cumprod(1 - betas, 0)
+    c0 = torch.tensor([d._mean_coefs(i)[0] for i in range(1000)], dtype=torch.float64)
+    multiple = {"eps": ab / (1 - ab), "x0": torch.ones(1000, dtype=torch.float64), "mean": c0 ** 2}[objective]
+    on_x0 = d.t_weight.double() * multiple
+    ratio = on_x0 / (c0 ** 2 / (2 * betas))
+    assert torch.allclose(ratio, ratio[500].expand(1000), rtol=1e-3)
+    assert d.t_weight.double().mean().item() == pytest.approx(1.0, rel=1e-5) and d.t_probs is None
+    if objective == "mean":  # 200 times more weight at t=0 than at t=T-1, as 1/beta_t
+        assert d.t_weight[0] / d.t_weight[999] == pytest.approx(0.02 / 1e-4, rel=1e-3)
 
 
 def test_lognormal_draws_few_timesteps_near_pure_noise():

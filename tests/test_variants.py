@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import run
-from ckpt import latest_checkpoint, load_checkpoint
+from ckpt import FORMAT, latest_checkpoint, load_checkpoint
 from conftest import TINY
 from diffusion import Diffusion
 from model import MLP, MLPConfig, build_network, count_parameters
@@ -45,10 +45,22 @@ def test_heun_serves_an_x0_network_and_refuses_a_mean_one():
 
 
 def test_the_mean_objective_takes_its_own_ddpm_step():
-    d = Diffusion(50, objective="mean")
     xt, mean, z = torch.randn(3, 3, 1, 28, 28).unbind(0)
-    x_prev, _ = d.step(mean, xt, 20, 19, 1.0, z)  # consecutive steps, eta 1: mu_theta + sigma_t z
-    torch.testing.assert_close(x_prev, mean + d.posterior_var[20].sqrt() * z)
+    for d, out in ((Diffusion(50, objective="mean"), mean - xt),  # the network outputs the mean's step from x_t
+                   (Diffusion(50, objective="mean", mean_skip=False), mean)):  # or, before the skip, the mean
+        x_prev, _ = d.step(out, xt, 20, 19, 1.0, z)  # consecutive steps, eta 1: mu_theta + sigma_t z
+        torch.testing.assert_close(x_prev, mean + d.posterior_var[20].sqrt() * z)
+
+
+def test_the_mean_network_learns_the_step_from_x_t_and_old_checkpoints_keep_the_whole_mean(tmp_path):
+    d = Diffusion(50, objective="mean")
+    x0, xt = torch.rand(2, 1, 28, 28) * 2 - 1, torch.randn(2, 1, 28, 28)
+    t = torch.tensor([3, 40])
+    torch.testing.assert_close(d.target(x0, xt, t, None), d.q_posterior(x0, xt, t)[0] - xt)
+    assert d.config()["mean_skip"] is True
+    old = {"format": FORMAT, "diffusion_config": {k: v for k, v in d.config().items() if k != "mean_skip"}}
+    torch.save(old, tmp_path / "old.pt")
+    assert Diffusion(**load_checkpoint(str(tmp_path / "old.pt"))["diffusion_config"]).mean_skip is False
 
 
 @pytest.mark.parametrize("loss", ["mse", "l1"])
@@ -61,9 +73,9 @@ def test_the_loss_compares_the_output_with_the_objectives_target(loss):
     assert zero == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_the_mlp_has_about_the_unets_parameters_and_sees_the_timestep():
+def test_the_default_mlp_is_1024_wide_3_blocks_deep_and_sees_the_timestep():
     mlp = MLP(MLPConfig())
-    assert 2.0e6 < count_parameters(mlp) < 2.6e6
+    assert 9.0e6 < count_parameters(mlp) < 9.3e6  # 784 -> 1024, 3 blocks of 2 x 1024^2, the time MLP, -> 784
     for p in mlp.parameters():
         torch.nn.init.normal_(p, std=0.05)
     x = torch.randn(2, 1, 28, 28)
@@ -73,7 +85,8 @@ def test_the_mlp_has_about_the_unets_parameters_and_sees_the_timestep():
 
 @pytest.mark.parametrize("flags", [["--objective", "mean", "--loss", "l1"],
                                    ["--arch", "mlp", "--width", "32", "--depth", "2", "--objective", "x0"]])
-def test_a_checkpoint_records_and_restores_objective_loss_and_network(tmp_path, mnist_root, flags, monkeypatch):
+def test_a_checkpoint_records_and_restores_objective_loss_and_network(tmp_path, mnist_root, flags, monkeypatch,
+                                                                      capsys):
     tiny = [f for f in TINY]
     if "mlp" in flags:  # the U-Net's shape flags do not apply to the MLP
         for flag in ("--channels", "--blocks"):
@@ -87,6 +100,8 @@ def test_a_checkpoint_records_and_restores_objective_loss_and_network(tmp_path, 
     objective = flags[flags.index("--objective") + 1]
     assert ckpt["diffusion_config"]["objective"] == objective
     assert ckpt["diffusion_config"]["loss"] == ("l1" if "l1" in flags else "mse")
+    # The posterior mean trains under the variational bound's weighting unless told otherwise.
+    assert ckpt["diffusion_config"]["weighting"] == ("vlb" if objective == "mean" else "p2")
     assert ckpt["model_config"]["arch"] == ("mlp" if "mlp" in flags else "unet")
     net = build_network(ckpt["model_config"])
     net.load_state_dict(ckpt["ema"])
@@ -98,7 +113,14 @@ def test_a_checkpoint_records_and_restores_objective_loss_and_network(tmp_path, 
     assert load_checkpoint(latest_checkpoint(ckpt_dir))["diffusion_config"]["objective"] == objective
     applied, real_predict = set(), Diffusion.predict_x0
     monkeypatch.setattr(Diffusion, "predict_x0", lambda self, *a: applied.add(self.objective) or real_predict(self, *a))
-    assert run.main(["--mode", "sample", "--ckpt-dir", ckpt_dir, "--out-dir", str(tmp_path / "gen"),
-                     "--n-samples", "4", "--steps", "3", "--data-dir", mnist_root, "--device", "cpu",
-                     "--precision", "fp32"]) == 0
+    sample = ["--mode", "sample", "--ckpt-dir", ckpt_dir, "--out-dir", str(tmp_path / "gen"), "--n-samples", "4",
+              "--data-dir", mnist_root, "--device", "cpu", "--precision", "fp32"]
+    # A posterior-mean network samples with its own ancestral step over every timestep, by default.
+    assert run.main(sample + (["--steps", "3"] if objective != "mean" else [])) == 0
     assert applied == {objective}  # the sampler turned the network's output into x0 as the checkpoint says
+    if objective == "mean":
+        assert "ddpm with 20 steps" in capsys.readouterr().out
+        for few in (["--sampler", "dpm2m-sde"], ["--sampler", "ddim", "--steps", "5"]):
+            assert run.main(sample + few) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and "predicts the posterior mean" in err and "--sampler ddpm" in err

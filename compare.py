@@ -2,14 +2,15 @@
 
     python compare.py budgets --minutes 5,20,45   # the default recipe at each budget: FID against minutes
     python compare.py budgets --lever 'default,old default' --minutes 5,10,20,40 --speeds docs/fast-machine.json
-    python compare.py variants --minutes 4         # what to predict, which loss, which network
+    python compare.py variants --train-steps 7601 --speeds docs/fast-machine.json   # objective, loss, network
     python compare.py speeds                       # training images/s of each recipe lever on this machine
     python compare.py recipe --train-steps 7600 --speeds gen/speeds.json --seeds 0,1   # issue 16's levers
     python compare.py samplers --checkpoint PATH --seeds 0,1   # solvers and guidance on one checkpoint
 
-A budget is --minutes of this machine's time, or --train-steps: the recipe screen gives each lever the
-steps that match the default's in CPU time (from `speeds`), so a faster machine can run the search for
-a slower one.
+A budget is --minutes of this machine's time, or --train-steps. With --speeds (a speeds.json, {recipe:
+images/s} on some machine) budgets become steps: --train-steps are the default's, each recipe given the
+steps of the same time there, and --minutes become the steps those minutes buy there; so a faster machine
+can run the search for a slower one (docs/fast-machine.json holds the issues' reference machine).
 
 Each run lives in ROOT/NAME (its run folder and eval.json). A run whose eval.json is already there is
 reused, and a run stopped mid-training is resumed, so an interrupted comparison picks up where it
@@ -247,11 +248,12 @@ def variants_table(rows):
     for r in rows:
         d = os.path.dirname(os.path.dirname(r["checkpoint"]))
         ddpm = json.load(open(os.path.join(d, "ddpm", "eval.json")))["samples"]
-        body += (f"| {r['name']} | {r['train_steps']} | {r['images_per_s']:.0f} | {r['parameters']:,} | {r['sampler']} "
-                 f"{r['steps']} | {r['samples']['fid']:.1f} | {r['samples']['confident']:.3f} | {worst(r):.1%} "
-                 f"| {ddpm['fid']:.1f} | {ddpm['confident']:.3f} |\n")
+        body += (f"| {r['name']} | {r['train_steps']} | {r['images_per_s']:.0f} | {r['parameters']:,} "
+                 f"| {r['sampler']} {r['steps']} | {r['samples']['fid']:.1f} | {r['samples']['confident']:.3f} "
+                 f"| {worst(r):.1%} | {ddpm['fid']:.1f} | {ddpm['confident']:.3f} |\n")
     floor = rows[0]["real"]
-    return head + body + f"| real images, N={rows[0]['n']} (floor) | | | | | {floor['fid']:.1f} | {floor['confident']:.3f} | | | |\n"
+    return head + body + (f"| real images, N={rows[0]['n']} (floor) | | | | | {floor['fid']:.1f} "
+                          f"| {floor['confident']:.3f} | | | |\n")
 
 
 def worst(result):
@@ -317,12 +319,12 @@ def screen_samplers(checkpoint, seeds, n, data_dir, out_dir, device, amp):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["budgets", "variants", "speeds", "recipe", "samplers"])
-    p.add_argument("--minutes", default=None, help="budgets: a list like 5,20,45; variants: one number (4)")
+    p.add_argument("--minutes", default=None, help="budgets: a list like 5,20,45; variants: one number (20)")
     p.add_argument("--train-steps", default=None,
                    help="budgets: a list of step budgets instead of minutes; recipe: the default's steps (7600)")
     p.add_argument("--lever", default="default",
                    help="budgets: the recipes to train, comma-separated names from LEVERS (default: default)")
-    p.add_argument("--only", default=None, help="recipe: comma-separated levers to run (default all)")
+    p.add_argument("--only", default=None, help="recipe, variants, speeds: comma-separated names to run (default all)")
     p.add_argument("--speeds", default=None, help="recipe, budgets: a speeds.json ({lever: images/s}); each lever "
                    "gets the steps that take the default's time, and budgets' --minutes become the steps those "
                    "minutes buy at these speeds (default: equal steps, wall-clock minutes)")

@@ -1,4 +1,4 @@
-"""compare.py's recipe screen: levers, their combinations, and the steps that match the default's CPU time."""
+"""compare.py: levers, their combinations, the steps that match the default's time, and budgets at a machine's speeds."""
 import pytest
 
 import compare
@@ -32,3 +32,39 @@ def test_the_cost_of_a_step_depends_on_the_network_and_batch_only():
     assert compare.cost_key("batch 128") != compare.cost_key("default")
     assert compare.cost_key("32 channels at 28 px") != compare.cost_key("default")
     assert compare.cost_key("attention at 7 px") != compare.cost_key("default")
+
+
+def test_an_unmeasured_recipe_takes_the_speed_of_a_measured_one_of_the_same_cost():
+    speeds = {"default": 400.0, "old default": 420.0}
+    assert compare.speed_of("eps prediction", speeds) == 400.0  # same network and batch as the default
+    assert compare.speed_of("batch 128", speeds) == 420.0  # same network and batch as the old default
+    assert compare.lever_steps("mean prediction", 7601, speeds) == 7601
+    with pytest.raises(UserError, match="no speed for 'mlp 1024 x 3'"):
+        compare.speed_of("mlp 1024 x 3", speeds)
+
+
+def test_budgets_at_a_machines_speeds_become_each_recipes_steps(tmp_path, monkeypatch):
+    """--minutes with --speeds: the steps those minutes buy at each recipe's images/s there, a step budget that
+    any machine can train; --train-steps with --speeds: the default's steps, the others at equal time."""
+    calls = []
+
+    def fake(root, name, minutes, given, n, data_dir, device, amp, steps=None, extra=None):
+        calls.append((name, minutes, steps, given.get("batch_size")))
+        return {"samples": {"fid": 10.0 * len(calls), "confident": 0.9}}
+
+    monkeypatch.setattr(compare, "train_and_eval", fake)
+    path = tmp_path / "speeds.json"
+    path.write_text('{"default": 405.4, "old default": 420.9}')
+    rows, series = compare.budget_runs(str(tmp_path), ["default", "old default"], "5,20", None, str(path), 0, 100,
+                                       "data", "cpu", None)
+    assert [c[:3] for c in calls] == [("default, seed 0, 1900 steps", None, 1900),
+                                      ("default, seed 0, 7601 steps", None, 7601),
+                                      ("old default, seed 0, 986 steps", None, 986),
+                                      ("old default, seed 0, 3946 steps", None, 3946)]
+    assert series["old default"] == [(5.0, 30.0, 0.9), (20.0, 40.0, 0.9)]  # (minutes, FID, confident)
+    calls.clear()
+    compare.budget_runs(str(tmp_path), ["old default"], None, "7601", str(path), 0, 100, "data", "cpu", None)
+    assert calls[0][2] == round(7601 * 420.9 / 405.4 * DEFAULTS["batch_size"] / 128)  # 3946: the same time
+    calls.clear()
+    compare.budget_runs(str(tmp_path), ["default"], "3", None, None, 0, 100, "data", "cpu", None)
+    assert calls == [("default, 3 min", 3.0, None, None)]  # no speeds: wall-clock minutes on this machine

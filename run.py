@@ -146,7 +146,8 @@ def build_parser():
     g.add_argument("--depth", type=positive_int, metavar="N", help=f"MLP residual blocks (default {D['depth']})")
     g.add_argument("--objective", choices=OBJECTIVES,
                    help="what the network predicts: the noise eps (DDPM), the clean image x0, or the posterior "
-                        f"mean of x_{{t-1}} (default {D['objective']})")
+                        "mean of x_{t-1} as its step from x_t (sampled with --sampler ddpm) "
+                        f"(default {D['objective']})")
     g.add_argument("--loss", choices=list(LOSSES), help="the regression loss on that target (default mse)")
     g.add_argument("--weighting", choices=WEIGHTINGS,
                    help="where the loss is spent over t: uniform t, unweighted (DDPM); min-snr: x0 error weighted "

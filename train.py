@@ -325,10 +325,14 @@ class Trainer:
 
     def quick_eval(self):
         """FID and friends of 500 DDIM-20 samples of the EMA network, drawn as the sample mode draws (digits
-        from the class prior at the default guidance for a labelled run), into the epoch's log row."""
-        plan = sample.Plan("ddim", min(20, self.cfg["timesteps"]), "linspace", eta=1.0)
+        from the class prior at the default guidance for a labelled run), into the epoch's log row. A
+        posterior-mean network takes every step (DDPM), the only sampler it has."""
+        T = self.cfg["timesteps"]
+        steps = T if self.diffusion.objective == "mean" else min(20, T)
+        plan = sample.Plan("ddim", steps, "linspace", eta=1.0)
         sp = sample.Sampler(self.run_dir, {"class_prior": self.class_prior}, self.diffusion,
                             sample.denoiser(self.ema.module, self.device, self.amp), plan,
+                            "ddpm" if steps == T else "ddim",
                             sample.DEFAULT_GUIDANCE if self.cfg["conditional"] else None,
                             sample.default_interval(self.cfg["timesteps"]),
                             self.device)

@@ -141,7 +141,8 @@ def load_checkpoint(path):
                         f"or not from run.py; pick another with --checkpoint") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a checkpoint written by run.py; pick another with --checkpoint")
-    ckpt["diffusion_config"].setdefault("mean_skip", False)  # a mean network from before the skip outputs it whole
+    if "diffusion_config" in ckpt:  # a mean network from before the skip outputs the mean whole
+        ckpt["diffusion_config"].setdefault("mean_skip", False)
     return ckpt
 
 

@@ -2,7 +2,8 @@
 
     python compare.py budgets --minutes 5,20,45   # the default recipe at each budget: FID against minutes
     python compare.py budgets --lever 'default,old default' --minutes 5,10,20,40 --speeds docs/fast-machine.json
-    python compare.py variants --train-steps 7601 --speeds docs/fast-machine.json   # objective, loss, network
+    python compare.py variants --train-steps 7601 --speeds docs/fast-machine.json \
+        --only 'default,eps prediction,mean prediction,l1 loss'   # objective and loss against the default
     python compare.py speeds                       # training images/s of each recipe lever on this machine
     python compare.py recipe --train-steps 7600 --speeds gen/speeds.json --seeds 0,1   # issue 16's levers
     python compare.py samplers --checkpoint PATH --seeds 0,1   # solvers and guidance on one checkpoint
@@ -37,19 +38,21 @@ from hardware import pick_hardware
 from sample import EVERYWHERE, SampleSettings, load_sampler
 from train import DEFAULTS, NO_LABEL, TrainSettings, make_trainable, network_config, train, train_step
 
+GUIDANCE_1 = {"guidance-1": {"guidance": 1.0}}  # the extra eval of a labelled run: plain conditional
+
+
 def folder(name):
     return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
 
 
-GUIDANCE_1 = {"guidance-1": {"guidance": 1.0}}  # the extra eval of every labelled run: plain conditional
-
-
 def train_and_eval(root, name, minutes, given, n_samples, data_dir, device, amp, steps=None, extra=GUIDANCE_1):
     """Train ROOT/NAME for `minutes` or `steps` with the run settings `given` unless its eval.json exists, and
-    evaluate it with the default sampling, and with each of `extra` ({folder: SampleSettings fields}) into
-    NAME/folder/eval.json; returns a result row."""
+    evaluate it with the default sampling into NAME/eval.json and with each of `extra` ({folder: SampleSettings
+    fields}; a labelled run's) into NAME/folder/eval.json, each unless already there; returns a result row."""
     d = os.path.join(root, folder(name))
     report = os.path.join(d, "eval.json")
+    if not {**DEFAULTS, **given}["conditional"]:
+        extra = {}  # guidance does not apply without labels
     if os.path.exists(report):
         print(f"{name}: reusing {report}")
     else:
@@ -65,12 +68,13 @@ def train_and_eval(root, name, minutes, given, n_samples, data_dir, device, amp,
         if code != 0:
             sys.exit(f"error: training {name} failed")
         # The classifier cache stays in the default checkpoints/ folder, shared by every run.
-        for sub, fields in extra.items():
-            evaluate(SampleSettings(checkpoint=latest_checkpoint(d), out_dir=os.path.join(d, sub), data_dir=data_dir,
-                                    n_samples=n_samples, device=device, amp=amp, **fields), cache_dir="checkpoints")
         evaluate(SampleSettings(checkpoint=latest_checkpoint(d), out_dir=d, data_dir=data_dir, n_samples=n_samples,
                                 device=device, amp=amp), cache_dir="checkpoints")
     result = json.load(open(report))
+    for sub, fields in extra.items():  # a reused run gets the evals it lacks
+        if not os.path.exists(os.path.join(d, sub, "eval.json")):
+            evaluate(SampleSettings(checkpoint=result["checkpoint"], out_dir=os.path.join(d, sub), data_dir=data_dir,
+                                    n_samples=n_samples, device=device, amp=amp, **fields), cache_dir="checkpoints")
     ckpt = load_checkpoint(result["checkpoint"])
     log = ckpt["log"]
     images = sum(r["images_per_s"] * r["seconds"] for r in log)
@@ -220,7 +224,7 @@ def budget_runs(root, names, minutes, train_steps, speeds_file, seed, n_samples,
     the same time. Returns the result rows and {recipe: [(minutes or steps, FID, confident)]}."""
     speeds = json.load(open(speeds_file)) if speeds_file else None
     budgets = [float(x) for x in (train_steps or minutes or "5,20,45").split(",")]
-    rows, series = [], {}
+    plan = []  # (name, given, run name, minutes or None, steps or None, x), all worked out before any training
     for name in names:
         given = {**lever(name), "seed": seed}
         batch = {**DEFAULTS, **given}["batch_size"]
@@ -232,11 +236,15 @@ def budget_runs(root, names, minutes, train_steps, speeds_file, seed, n_samples,
                 x = steps * batch / speed_of(name, speeds) / 60
             else:
                 steps, x = (int(b), int(b)) if train_steps else (None, b)
+            if steps is not None and steps < 1:
+                raise UserError(f"a budget of {b:g} buys {name!r} no training step; give a larger one")
             run = f"{name}, seed {seed}, {steps} steps" if steps else f"{name}, {b:g} min"
-            r = train_and_eval(root, run, None if steps else b, given, n_samples, data_dir, device, amp,
-                               steps=steps, extra=extra)
-            rows.append(r)
-            series.setdefault(name, []).append((x, r["samples"]["fid"], r["samples"]["confident"]))
+            plan.append((name, given, run, None if steps else b, steps, x))
+    rows, series = [], {}
+    for name, given, run, m, steps, x in plan:
+        r = train_and_eval(root, run, m, given, n_samples, data_dir, device, amp, steps=steps, extra=extra)
+        rows.append(r)
+        series.setdefault(name, []).append((x, r["samples"]["fid"], r["samples"]["confident"]))
     return rows, series
 
 
@@ -319,20 +327,24 @@ def screen_samplers(checkpoint, seeds, n, data_dir, out_dir, device, amp):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["budgets", "variants", "speeds", "recipe", "samplers"])
-    p.add_argument("--minutes", default=None, help="budgets: a list like 5,20,45; variants: one number (20)")
+    p.add_argument("--minutes", default=None,
+                   help="budgets, variants: a list like 5,20,45 (default: budgets 5,20,45, variants 20)")
     p.add_argument("--train-steps", default=None,
                    help="budgets: a list of step budgets instead of minutes; recipe: the default's steps (7600)")
     p.add_argument("--lever", default="default",
-                   help="budgets: the recipes to train, comma-separated names from LEVERS (default: default)")
+                   help="budgets: the recipes to train, comma-separated names from LEVERS, VARIANTS or "
+                        "MLP_SHAPES (default: default)")
     p.add_argument("--only", default=None, help="recipe, variants, speeds: comma-separated names to run (default all)")
-    p.add_argument("--speeds", default=None, help="recipe, budgets: a speeds.json ({lever: images/s}); each lever "
-                   "gets the steps that take the default's time, and budgets' --minutes become the steps those "
-                   "minutes buy at these speeds (default: equal steps, wall-clock minutes)")
-    p.add_argument("--seeds", default="0", help="recipe, samplers: comma-separated seeds (default 0)")
+    p.add_argument("--speeds", default=None,
+                   help="recipe, budgets, variants: a speeds.json ({lever: images/s}); each lever gets the steps "
+                        "that take the default's time, and --minutes become the steps those minutes buy at these "
+                        "speeds (default: equal steps, wall-clock minutes)")
+    p.add_argument("--seeds", default="0", help="recipe, samplers: comma-separated seeds; budgets, variants: "
+                                                  "the first (default 0)")
     p.add_argument("--checkpoint", default=None, help="samplers: the checkpoint to screen")
     p.add_argument("--root", default="experiments", help="where the runs go (default experiments)")
     p.add_argument("--out-dir", default="gen", help="table and figure (default gen)")
-    p.add_argument("--n-samples", type=int, default=None, help="eval N (default: 1000, variants 500)")
+    p.add_argument("--n-samples", type=int, default=None, help="eval N (default 1000)")
     p.add_argument("--data-dir", default="dataset/mnist")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])

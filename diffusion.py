@@ -2,7 +2,7 @@
 
 The network is always an argument (`model(x, t) -> output`), never an attribute, so this object holds
 no trainable state. What the output means is the objective: the noise eps (DDPM's choice), the clean
-image x0 (the default), or the posterior mean of x_{t-1}; all three share the sampling loop.
+image x0 (run.py's default), or the posterior mean of x_{t-1}; all three share the sampling loop.
 References: Ho et al. 2020 (DDPM, arXiv:2006.11239), Song et al. 2021 (DDIM, arXiv:2010.02502), Lu et al.
 2022 (DPM-Solver++, arXiv:2211.01095) and Karras et al. 2022 (EDM, arXiv:2206.00364); equation numbers
 below are theirs.
@@ -169,7 +169,9 @@ class Diffusion:
             x0 = out
         elif self.objective == "mean":
             c0, ct = self._mean_coefs(t)
-            x0 = (self.mean(out, xt) - ct * xt) / c0  # eq. (7) of DDPM, mean = c0 x_0 + ct x_t, solved for x_0
+            # eq. (7) of DDPM, mean = c0 x_0 + ct x_t, solved for x_0; with the skip, mean - ct x_t is
+            # out + (1 - ct) x_t, summed before dividing by c0 (down to 1e-4) so little is lost to rounding
+            x0 = (out + (1 - ct) * xt if self.mean_skip else out - ct * xt) / c0
         else:
             raise ValueError(f"unknown objective {self.objective!r}")
         return x0.clamp(-1, 1)

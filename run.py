@@ -170,7 +170,8 @@ def build_parser():
                    help="keep only the newest K end-of-epoch checkpoints of the run, plus its last one "
                         "(default: keep all)")
     g.add_argument("--eval-every", type=positive_int, metavar="K",
-                   help="every K epochs, FID etc. of 500 DDIM-20 samples into the log and loss.png")
+                   help="every K epochs, FID etc. of 500 DDIM-20 samples (DDPM for --objective mean) into the "
+                        "log and loss.png")
     g = p.add_argument_group("sampling and evaluation")
     g.add_argument("--n-samples", type=positive_int, metavar="N", help="images to draw (default: sample 256, eval 1000)")
     g.add_argument("--sampler", choices=SAMPLERS,

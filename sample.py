@@ -166,10 +166,10 @@ class Sampler:
     diffusion: Diffusion
     denoise: object  # eps(x, t, y=None, w=1)
     plan: Plan
-    sampler: str  # its name, one of SAMPLERS
     guidance: Optional[float]  # None for an unlabelled checkpoint
     interval: tuple  # the timesteps (lo, hi) where guidance applies
     device: torch.device
+    sampler: str = DEFAULT_SAMPLER  # the plan's name, one of SAMPLERS
 
     def labels(self, n, seed, digit=None):
         """What to ask for, (n,) or None: digit, else each image's digit drawn from the class prior; None
@@ -193,12 +193,18 @@ def load_sampler(s):
     diffusion = Diffusion(**ckpt["diffusion_config"])
     mean = diffusion.objective == "mean"
     sampler = s.sampler or ("ddpm" if mean else DEFAULT_SAMPLER)
-    plan = sampler_plan(sampler, s.steps, s.eta, s.churn, diffusion.timesteps)
+    # x_0 = (mean - c_t x_t) / c_0, and c_0 falls to about 1e-4 at t = T-1 (diffusion._mean_coefs).
+    only_ddpm = UserError(f"{s.checkpoint} predicts the posterior mean of x_(t-1), which gives x_0 only divided by "
+                          f"a coefficient as small as 1e-4, so a sampler that skips steps blows its error up into "
+                          f"noise (docs/variants.md); use --sampler ddpm, its default, without --steps or --eta")
+    try:
+        plan = sampler_plan(sampler, s.steps, s.eta, s.churn, diffusion.timesteps)
+    except UserError:
+        if mean:
+            raise only_ddpm from None
+        raise
     if mean and not (plan.solver == "ddim" and plan.steps == diffusion.timesteps and plan.eta == 1):
-        # x_0 = (mean - c_t x_t) / c_0, and c_0 falls to about 1e-4 at t = T-1 (diffusion._mean_coefs).
-        raise UserError(f"{s.checkpoint} predicts the posterior mean of x_(t-1), which gives x_0 only divided by a "
-                        f"coefficient as small as 1e-4, so a sampler that skips steps blows its error up into "
-                        f"noise (docs/variants.md); use --sampler ddpm, its default")
+        raise only_ddpm
     model = build_network(ckpt["model_config"]).to(s.device)
     model.load_state_dict(ckpt["ema"])  # the EMA weights: what every sample and figure is drawn with
     model.eval()
@@ -218,7 +224,7 @@ def load_sampler(s):
     print(f"{s.checkpoint}: epoch {ckpt['epoch']}, step {ckpt['step']}, {what}; {plan.describe(sampler)}; "
           f"{s.device.type}, {'bf16' if s.amp else 'fp32'}")
     denoise = denoiser(maybe_compile(model, s.compile), s.device, s.amp, interval)
-    return Sampler(s.checkpoint, ckpt, diffusion, denoise, plan, sampler, guidance, interval, s.device)
+    return Sampler(s.checkpoint, ckpt, diffusion, denoise, plan, guidance, interval, s.device, sampler)
 
 
 def sample(s):

@@ -324,23 +324,23 @@ class Trainer:
         return True
 
     def quick_eval(self):
-        """FID and friends of 500 DDIM-20 samples of the EMA network, drawn as the sample mode draws (digits
-        from the class prior at the default guidance for a labelled run), into the epoch's log row. A
-        posterior-mean network takes every step (DDPM), the only sampler it has."""
+        """FID and friends of 500 DDIM-20 samples of the EMA network (DDPM over every step for a posterior-mean
+        network, the only sampler it has: T network calls per image), drawn as the sample mode draws (digits
+        from the class prior at the default guidance for a labelled run), into the epoch's log row."""
         T = self.cfg["timesteps"]
         steps = T if self.diffusion.objective == "mean" else min(20, T)
         plan = sample.Plan("ddim", steps, "linspace", eta=1.0)
         sp = sample.Sampler(self.run_dir, {"class_prior": self.class_prior}, self.diffusion,
                             sample.denoiser(self.ema.module, self.device, self.amp), plan,
-                            "ddpm" if steps == T else "ddim",
                             sample.DEFAULT_GUIDANCE if self.cfg["conditional"] else None,
-                            sample.default_interval(self.cfg["timesteps"]),
-                            self.device)
+                            sample.default_interval(self.cfg["timesteps"]), self.device,
+                            sampler="ddpm" if steps == T else "ddim")
         fake = sp.generate(500, 0, labels=sp.labels(500, 0), desc="quick eval")
         quick, _ = self.judge(fake)
         self.log[-1].update({k: quick[k] for k in ("fid", "precision", "recall", "confident", "entropy")})
         tqdm.write(f"epoch {self.epoch}: FID {quick['fid']:.3f}, precision {quick['precision']:.3f}, recall "
-                   f"{quick['recall']:.3f}, confident {quick['confident']:.3f} (500 DDIM-20 samples)")
+                   f"{quick['recall']:.3f}, confident {quick['confident']:.3f} "
+                   f"(500 samples, {sp.plan.describe(sp.sampler)})")
 
     def state(self):
         """The checkpoint: one self-describing dict of tensors and plain types."""

@@ -68,3 +68,12 @@ def test_budgets_at_a_machines_speeds_become_each_recipes_steps(tmp_path, monkey
     calls.clear()
     compare.budget_runs(str(tmp_path), ["default"], "3", None, None, 0, 100, "data", "cpu", None)
     assert calls == [("default, 3 min", 3.0, None, None)]  # no speeds: wall-clock minutes on this machine
+
+
+def test_a_budget_that_buys_no_step_is_refused_before_anything_trains(tmp_path, monkeypatch):
+    monkeypatch.setattr(compare, "train_and_eval", lambda *a, **k: pytest.fail("trained"))
+    path = tmp_path / "speeds.json"
+    path.write_text('{"default": 0.5, "old default": 100.0}')  # 1 minute of the default: 0.47 steps
+    with pytest.raises(UserError, match="buys 'default' no training step"):
+        compare.budget_runs(str(tmp_path), ["old default", "default"], "1", None, str(path), 0, 100, "data", "cpu",
+                            None)

@@ -120,7 +120,7 @@ def test_a_checkpoint_records_and_restores_objective_loss_and_network(tmp_path, 
     assert applied == {objective}  # the sampler turned the network's output into x0 as the checkpoint says
     if objective == "mean":
         assert "ddpm with 20 steps" in capsys.readouterr().out
-        for few in (["--sampler", "dpm2m-sde"], ["--sampler", "ddim", "--steps", "5"]):
+        for few in (["--sampler", "dpm2m-sde"], ["--sampler", "ddim", "--steps", "5"], ["--steps", "5"]):
             assert run.main(sample + few) == 2
             err = capsys.readouterr().err.strip()
             assert len(err.splitlines()) == 1 and "predicts the posterior mean" in err and "--sampler ddpm" in err

@@ -385,19 +385,13 @@ def compare(args):
                 rows.append(dict(row, name=f"{name}, seed {seed}"))
                 if name == "default":
                     evaluate_raw_weights(row, args.n_samples or 1000, data_dir, device, amp)
-        text = recipe_table(rows)
-        print(text)
-        with open(os.path.join(out_dir, "recipe.md"), "w") as f:
-            f.write(text)
-        print(f"wrote {out_dir}/recipe.md")
-        return
+        return write_table(recipe_table(rows), os.path.join(out_dir, "recipe.md"))
     n_samples, minutes = args.n_samples, args.minutes
     if what == "budgets":
         rows, series = budget_runs(root, args.lever.split(","), minutes, args.train_steps, args.speeds, seeds[0],
                                    n_samples or 1000, data_dir, device, amp)
-        by_minutes = bool(args.speeds) or not args.train_steps
         xlabel = ("training minutes at the speeds in " + os.path.basename(args.speeds) if args.speeds else
-                  "training minutes" if by_minutes else "training steps")
+                  "training steps" if args.train_steps else "training minutes")
         fig = figures.budget_curves(series, rows[0]["real"], f"FID and confident share (N={rows[0]['n']}, "
                                     "default sampling) against the training budget", xlabel)
         save_figure(fig, os.path.join(out_dir, "budgets.png"))
@@ -413,17 +407,16 @@ def compare(args):
             grids.append(sp.generate(64, 0, labels=sp.labels(64, 0)))
         save_figure(figures.panels(grids, [f"{r['name']}\nFID {r['samples']['fid']:.0f}" for r in rows]),
                     os.path.join(out_dir, "variants.png"))
-        text = variants_table(rows)
-        print(text)
-        with open(os.path.join(out_dir, "variants.md"), "w") as f:
-            f.write(text)
-        print(f"wrote {out_dir}/variants.md and {out_dir}/variants.png")
-        return
-    text = table(rows)
+        return write_table(variants_table(rows), os.path.join(out_dir, "variants.md"))
+    write_table(table(rows), os.path.join(out_dir, "budgets.md"))
+
+
+def write_table(text, path):
+    """Print a markdown table and write it to path."""
     print(text)
-    with open(os.path.join(out_dir, f"{what}.md"), "w") as f:
+    with open(path, "w") as f:
         f.write(text)
-    print(f"wrote {out_dir}/{what}.md and {out_dir}/{what}.png")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

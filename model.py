@@ -153,8 +153,9 @@ class UNet(nn.Module):
 
 @dataclass
 class MLPConfig:
-    # 1024 x 3 drew the best digits of the shapes screened at 20 minutes of a 2-core CPU (docs/variants.md):
-    # wider is slower per image there, narrower too weak; 9.1M parameters, 8x the U-Net's images/s.
+    # 1024 x 3 drew the best digits of the shapes screened at 20 minutes of a 2-core CPU (docs/variants.md),
+    # level with 1024 x 5 and 14% faster; the 2048-wide ones saw too few images. 9.1M parameters, 8x the
+    # U-Net's training images/s there.
     width: int = 1024       # hidden units
     depth: int = 3          # residual blocks
     num_classes: int = 0    # as in UNetConfig

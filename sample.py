@@ -193,18 +193,17 @@ def load_sampler(s):
     diffusion = Diffusion(**ckpt["diffusion_config"])
     mean = diffusion.objective == "mean"
     sampler = s.sampler or ("ddpm" if mean else DEFAULT_SAMPLER)
-    # x_0 = (mean - c_t x_t) / c_0, and c_0 falls to about 1e-4 at t = T-1 (diffusion._mean_coefs).
-    only_ddpm = UserError(f"{s.checkpoint} predicts the posterior mean of x_(t-1), which gives x_0 only divided by "
-                          f"a coefficient as small as 1e-4, so a sampler that skips steps blows its error up into "
-                          f"noise (docs/variants.md); use --sampler ddpm, its default, without --steps or --eta")
     try:
         plan = sampler_plan(sampler, s.steps, s.eta, s.churn, diffusion.timesteps)
     except UserError:
-        if mean:
-            raise only_ddpm from None
-        raise
-    if mean and not (plan.solver == "ddim" and plan.steps == diffusion.timesteps and plan.eta == 1):
-        raise only_ddpm
+        if not mean:
+            raise
+        plan = None  # a mean network's own message below says what it can take
+    if mean and not (plan and plan.solver == "ddim" and plan.steps == diffusion.timesteps and plan.eta == 1):
+        # x_0 = (mean - c_t x_t) / c_0, and c_0 falls to about 1e-4 at t = T-1 (diffusion._mean_coefs).
+        raise UserError(f"{s.checkpoint} predicts the posterior mean of x_(t-1), which gives x_0 only divided by a "
+                        f"coefficient as small as 1e-4, so a sampler that skips steps blows its error up into "
+                        f"noise (docs/variants.md); use --sampler ddpm, its default, without --steps or --eta")
     model = build_network(ckpt["model_config"]).to(s.device)
     model.load_state_dict(ckpt["ema"])  # the EMA weights: what every sample and figure is drawn with
     model.eval()

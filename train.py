@@ -328,13 +328,12 @@ class Trainer:
         network, the only sampler it has: T network calls per image), drawn as the sample mode draws (digits
         from the class prior at the default guidance for a labelled run), into the epoch's log row."""
         T = self.cfg["timesteps"]
-        steps = T if self.diffusion.objective == "mean" else min(20, T)
-        plan = sample.Plan("ddim", steps, "linspace", eta=1.0)
+        name, steps = ("ddpm", None) if self.diffusion.objective == "mean" else ("ddim", min(20, T))
         sp = sample.Sampler(self.run_dir, {"class_prior": self.class_prior}, self.diffusion,
-                            sample.denoiser(self.ema.module, self.device, self.amp), plan,
+                            sample.denoiser(self.ema.module, self.device, self.amp),
+                            sample.sampler_plan(name, steps, None, None, T),
                             sample.DEFAULT_GUIDANCE if self.cfg["conditional"] else None,
-                            sample.default_interval(self.cfg["timesteps"]), self.device,
-                            sampler="ddpm" if steps == T else "ddim")
+                            sample.default_interval(T), self.device, sampler=name)
         fake = sp.generate(500, 0, labels=sp.labels(500, 0), desc="quick eval")
         quick, _ = self.judge(fake)
         self.log[-1].update({k: quick[k] for k in ("fid", "precision", "recall", "confident", "entropy")})

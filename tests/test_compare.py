@@ -1,7 +1,11 @@
 """compare.py: levers, their combinations, the steps that match the default's time, and budgets at a machine's speeds."""
+import json
+
 import pytest
+import torch
 
 import compare
+from ckpt import FORMAT, save_checkpoint
 from errors import UserError
 from train import DEFAULTS
 
@@ -77,3 +81,23 @@ def test_a_budget_that_buys_no_step_is_refused_before_anything_trains(tmp_path, 
     with pytest.raises(UserError, match="buys 'default' no training step"):
         compare.budget_runs(str(tmp_path), ["old default", "default"], "1", None, str(path), 0, 100, "data", "cpu",
                             None)
+
+
+def test_a_reused_run_gets_only_the_evals_it_lacks(tmp_path, monkeypatch):
+    """A run whose eval.json exists is not trained or evaluated again, but an extra eval asked for later (the
+    variants' DDPM column on a run the recipe screen made) is added."""
+    d = tmp_path / "default-seed-0-5-steps"
+    (d / "run_001").mkdir(parents=True)
+    ckpt = str(d / "run_001" / "ckpt_00000005.pt")
+    save_checkpoint({"format": FORMAT, "step": 5, "elapsed": 60.0, "ema": {"w": torch.zeros(3)},
+                     "log": [{"images_per_s": 40.0, "seconds": 10.0}]}, ckpt)
+    (d / "eval.json").write_text(json.dumps({"checkpoint": ckpt, "samples": {"fid": 1.0}}))
+    (d / "guidance-1").mkdir()
+    (d / "guidance-1" / "eval.json").write_text("{}")
+    evaluated = []
+    monkeypatch.setattr(compare, "train", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(compare, "evaluate", lambda s, cache_dir: evaluated.append((s.out_dir, s.sampler, s.guidance)))
+    row = compare.train_and_eval(str(tmp_path), "default, seed 0, 5 steps", None, {}, 100, "data", "cpu", None,
+                                 steps=5, extra={**compare.GUIDANCE_1, "ddpm": {"sampler": "ddpm"}})
+    assert evaluated == [(str(d / "ddpm"), "ddpm", None)]
+    assert row["train_steps"] == 5 and row["parameters"] == 3 and row["images_per_s"] == 40.0

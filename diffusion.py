@@ -130,14 +130,17 @@ class Diffusion:
         else:
             raise ValueError(f"unknown objective {self.objective!r}")
 
-    def loss(self, model, x0):
+    def loss(self, model, x0, part=slice(None)):
         """The simplified DDPM objective, eq. (14) for eps: || target - output ||^2 (or |.| for the l1
-        loss), at t uniform and unweighted unless the weighting says otherwise (WEIGHTINGS)."""
+        loss), at t uniform and unweighted unless the weighting says otherwise (WEIGHTINGS). On the part of
+        the batch x0 that `part` slices, with t and noise drawn for the whole batch: the processes of a DDP
+        run, each with its own part, draw what one process would."""
         if self.t_probs is None:
             t = torch.randint(0, self.timesteps, (x0.shape[0],), device=x0.device)
         else:
             t = torch.multinomial(self.t_probs.to(x0.device), x0.shape[0], replacement=True)
         noise = torch.randn_like(x0)
+        x0, t, noise = x0[part], t[part], noise[part]
         xt = self.q_sample(x0, t, noise)
         out, target = model(xt, t).float(), self.target(x0, xt, t, noise)
         if self.t_weight is None:

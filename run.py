@@ -3,6 +3,7 @@
     python run.py --mode train     # checkpoints/run_NNN/ckpt_*.pt, log.jsonl, loss.png
     python run.py --mode sample    # gen/sample.png, process.png, process.gif, digits.png, forward.png
     python run.py --mode eval      # FID, precision, recall and more, into gen/eval.json
+    torchrun --nproc_per_node=2 run.py --mode train   # the same training, in 2 processes with DDP
 
 This file only parses and checks the flags, turns them into plain settings and makes one call per mode:
 train.train, sample.sample or evaluate.evaluate. See README.md for every flag.
@@ -11,6 +12,7 @@ import argparse
 import math
 import sys
 
+import distributed
 from ckpt import fmt, latest_checkpoint
 from diffusion import LOSSES, MIN_TIMESTEPS, OBJECTIVES, WEIGHTINGS
 from errors import UserError
@@ -27,7 +29,7 @@ SAMPLING_FLAGS = ("n_samples", "sampler", "steps", "eta", "churn", "sample_seed"
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
-        raise UserError(f"{message} (see python run.py --help)")
+        raise UserError(f"{message} (see python run.py --help)", everywhere=True)
 
 
 def timestep_count(s):
@@ -205,17 +207,21 @@ def check_mode_flags(args):
     if given:
         flag = "--unconditional" if given[0] == "conditional" else "--" + given[0].replace("_", "-")
         kind = "sampling" if args.mode == "train" else "training"
-        raise UserError(f"{flag} is a {kind} flag and does nothing in --mode {args.mode}; drop it")
+        raise UserError(f"{flag} is a {kind} flag and does nothing in --mode {args.mode}; drop it", everywhere=True)
 
 
 def train_mode(args, device, amp):
     if args.checkpoint and not args.resume:
         raise UserError("--checkpoint in train mode needs --resume (to continue that run)")
     resume = (args.checkpoint or latest_checkpoint(args.ckpt_dir)) if args.resume else None
-    settings = TrainSettings(data_dir=args.data_dir, ckpt_dir=args.ckpt_dir, resume=resume, epochs=args.epochs,
-                             minutes=args.minutes, steps=args.train_steps, keep=args.keep, eval_every=args.eval_every,
-                             device=device, amp=amp, compile=args.compile)
-    return train(settings, {key: getattr(args, key) for key in DEFAULTS})
+    world, device = distributed.start(device)  # one process, or one of torchrun's
+    try:
+        settings = TrainSettings(data_dir=args.data_dir, ckpt_dir=args.ckpt_dir, resume=resume, epochs=args.epochs,
+                                 minutes=args.minutes, steps=args.train_steps, keep=args.keep,
+                                 eval_every=args.eval_every, device=device, amp=amp, compile=args.compile)
+        return train(settings, {key: getattr(args, key) for key in DEFAULTS}, world)
+    finally:
+        distributed.stop(world)
 
 
 def sample_settings(args, device, amp):
@@ -231,6 +237,10 @@ def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
         check_mode_flags(args)
+        if args.mode != "train" and distributed.launched():
+            raise UserError(f"--mode {args.mode} runs in one process; start it with python run.py, not torchrun",
+                            everywhere=True)
+        distributed.use_local_gpu()
         device, amp = pick_hardware(args.device, args.precision, args.compile)
         if args.mode == "train":
             return train_mode(args, device, amp)
@@ -241,7 +251,10 @@ def main(argv=None):
         else:
             raise UserError(f"unknown --mode {args.mode!r}; choose train, sample or eval")
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if distributed.rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
+        elif not e.everywhere:  # this process's own trouble (its data, its GPU): say which process
+            print(f"error (rank {distributed.rank()}): {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; files written so far are complete", file=sys.stderr)

@@ -3,10 +3,14 @@
     from train import TrainSettings, train
     train(TrainSettings(data_dir="dataset/mnist", epochs=1), {"channels": (8, 16, 32)})
 
+Under torchrun each process runs the same Trainer on its share of every batch (distributed.py); rank 0 alone
+writes, and the processes agree at every step boundary on the budget and on Ctrl-C, so they stop together.
+
 A run is defined by its settings (DEFAULTS, overridden by those given; on resume, the checkpoint's) and
 limited by a budget of epochs, optimizer steps and/or minutes that the learning-rate schedule follows. Like improved-
 diffusion's TrainLoop, the Trainer reads top to bottom: run() -> run_epoch() -> run_step(), end_epoch(), save().
 """
+import contextlib
 import json
 import math
 import os
@@ -27,6 +31,7 @@ from ckpt import (FORMAT, checkpoint_path, clean_temporary, fmt, load_checkpoint
                   reconcile, save_checkpoint, save_figure, training_lock, write_atomic)
 from data import load_mnist, to_model_range
 from diffusion import Diffusion
+from distributed import PEER_ERRORS, World, peer_failed
 from errors import UserError
 from hardware import autocast, maybe_compile, rng_state, set_rng_state
 from model import MLPConfig, UNetConfig, build_network, count_parameters
@@ -58,17 +63,40 @@ class TrainSettings:
     compile: bool = False
 
 
-def train(settings, given=None):
+def train(settings, given=None, world=None):
     """Train a new run, or continue settings.resume; given: the run's settings asked for (None means not
-    given). Returns the exit status: 0 when the budget is spent, 130 after Ctrl-C."""
+    given); world: the processes of a torchrun run (distributed.start), None for one. Returns the exit
+    status: 0 when the budget is spent, 130 after Ctrl-C."""
+    world = world or World(device=settings.device)
     ckpt = load_checkpoint(settings.resume) if settings.resume else None
-    # The folder that holds the run's folder: one training at a time writes there.
+    # The folder that holds the run's folder: one training at a time writes there (rank 0 holds the lock).
     runs = os.path.dirname(os.path.dirname(os.path.abspath(settings.resume))) if ckpt else settings.ckpt_dir
-    with training_lock(runs):
-        if ckpt:  # we hold the lock: any temporary file in the run's folder is a killed write's leftover
-            clean_temporary(os.path.dirname(settings.resume))
+    with contextlib.ExitStack() as held:
+        with together(world, "taking the training lock"):
+            if world.main:
+                held.enter_context(training_lock(runs))
+                if ckpt:  # we hold the lock: any temporary file in the run's folder is a killed write's leftover
+                    clean_temporary(os.path.dirname(settings.resume))
         cfg = reconcile(given or {}, DEFAULTS, ckpt, settings.resume)
-        return Trainer(settings, cfg, ckpt).run()
+        world.check_batch(cfg["batch_size"])
+        try:
+            return Trainer(settings, cfg, ckpt, world).run()
+        except PEER_ERRORS as e:
+            if world.size == 1:
+                raise
+            raise peer_failed(e) from None
+
+
+@contextlib.contextmanager
+def together(world, what):
+    """Run the body (often on rank 0 alone), then agree: if it failed in any process, all of them stop here
+    (the one that failed with its own error)."""
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        world.all_ok(ok, what)
 
 
 def run_budget(epochs, minutes, ckpt=None, steps=None):
@@ -142,11 +170,11 @@ def drop_labels(y, p, no_label):
     return torch.where(torch.rand(y.shape, device=y.device) < p, no_label, y)
 
 
-def train_step(diffusion, model, ema, opt, x0, y, device, amp):
-    """One optimizer step on a batch x0 (B, 1, 28, 28) with labels y (B,) or None; returns the loss as a
-    device tensor (no sync)."""
+def train_step(diffusion, model, ema, opt, x0, y, device, amp, part=slice(None)):
+    """One optimizer step on a batch x0 (B, 1, 28, 28) with labels y (B,) or None, or on this process's part
+    of it (its timesteps and noise drawn for the whole batch); returns the loss as a device tensor (no sync)."""
     with autocast(device, amp):
-        loss = diffusion.loss(lambda x, t: model(x, t, y), x0)
+        loss = diffusion.loss(lambda x, t: model(x, t, None if y is None else y[part]), x0, part)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -170,7 +198,8 @@ class StopFlag:
 class RunningLoss:
     """The losses since the last log point, summed on the device: one host sync per log point."""
 
-    def __init__(self, device):
+    def __init__(self, device, world):
+        self.world = world
         self.total, self.count = torch.zeros((), device=device), 0
         self.first_bad = torch.zeros((), dtype=torch.long, device=device)  # the first step with a non-finite loss
 
@@ -180,11 +209,12 @@ class RunningLoss:
         self.first_bad = torch.where((self.first_bad == 0) & ~torch.isfinite(loss), step, self.first_bad)
 
     def take(self):
-        """(mean loss, steps) since the last take; an error naming the first bad step if it is not finite."""
-        mean, count = self.total.item() / self.count, self.count
+        """(mean loss over all processes, steps) since the last take; an error naming the first bad step if it
+        is not finite (in every process alike: DDP has shared the non-finite gradients)."""
+        mean, count = self.world.mean_(self.total).item() / self.count, self.count
         if not math.isfinite(mean):
-            raise UserError(f"the loss became non-finite at step {self.first_bad.item()}; stopped without "
-                            f"saving (the last good checkpoint is kept); try a lower --lr")
+            raise UserError(f"the loss became non-finite at step {self.first_bad.item() or 'before this'}; stopped "
+                            f"without saving (the last good checkpoint is kept); try a lower --lr", everywhere=True)
         self.total.zero_()
         self.count = 0
         return mean, count
@@ -193,8 +223,9 @@ class RunningLoss:
 class Trainer:
     """One run: the data in memory, the network, its EMA and optimizer, and where the run stands."""
 
-    def __init__(self, settings, cfg, ckpt=None):
+    def __init__(self, settings, cfg, ckpt=None, world=None):
         self.s, self.cfg, self.device, self.amp = settings, cfg, settings.device, settings.amp
+        self.world = world or World(device=self.device)
         self.epochs, self.minutes, self.steps = run_budget(settings.epochs, settings.minutes, ckpt, settings.steps)
         images, labels = load_mnist(settings.data_dir)  # (N, 28, 28) uint8, (N,): the whole set in memory
         self.images, self.labels = images.to(self.device), labels.to(self.device)
@@ -204,7 +235,8 @@ class Trainer:
         if ckpt and self.progress(ckpt["step"], ckpt.get("elapsed", 0.0)) >= 1:
             raise UserError(f"{settings.resume} has already used its budget ({ckpt['epoch']} epochs, step "
                             f"{ckpt['step']}); pass a larger --epochs, --train-steps or --minutes to train on")
-        self.judge = evaluate.Judge(settings.data_dir, settings.ckpt_dir, self.device) if settings.eval_every else None
+        self.judge = (evaluate.Judge(settings.data_dir, settings.ckpt_dir, self.device)
+                      if settings.eval_every and self.world.main else None)
 
         torch.manual_seed(cfg["seed"])
         self.diffusion = Diffusion(cfg["timesteps"], objective=cfg["objective"], loss=cfg["loss"],
@@ -212,7 +244,7 @@ class Trainer:
                                    mean_skip=ckpt["diffusion_config"]["mean_skip"] if ckpt else True)
         self.model_config, self.shape = network_config(cfg, NO_LABEL if cfg["conditional"] else 0)
         self.model, self.ema, self.opt = make_trainable(self.model_config, cfg, self.device)
-        self.net = maybe_compile(self.model, settings.compile)  # what the training step calls
+        self.net = maybe_compile(self.world.wrap(self.model), settings.compile)  # what the training step calls
         self.epoch, self.batch, self.step, self.history, self.log, elapsed = 0, 0, 0, [], [], 0.0
         if ckpt:
             self.model.load_state_dict(ckpt["model"])
@@ -226,7 +258,7 @@ class Trainer:
             set_rng_state(ckpt["rng"], self.device)
             self.run_dir = os.path.dirname(settings.resume)
         else:
-            self.run_dir = new_run_dir(settings.ckpt_dir)
+            self.run_dir = new_run_dir(settings.ckpt_dir) if self.world.main else None
         self.clock = time.time() - elapsed  # the run's clock continues across --resume
         self.saved_clock = self.elapsed()  # the clock in the newest checkpoint
 
@@ -241,6 +273,10 @@ class Trainer:
                    step / self.steps if self.steps else 0.0,
                    seconds / (60 * self.minutes) if self.minutes else 0.0)
 
+    def agreed_progress(self):
+        """progress(), the same in every process (their clocks differ a little): the largest of them."""
+        return self.world.largest(self.progress())[0]
+
     def run(self):
         """Train until the budget is spent or Ctrl-C; returns the exit status."""
         self.print_summary()
@@ -248,9 +284,9 @@ class Trainer:
         previous_handler = signal.signal(signal.SIGINT, stop)
         try:
             self.model.train()
-            while self.progress() < 1:
-                loss, count, seconds = self.run_epoch(stop)
-                if stop.requested:
+            while self.agreed_progress() < 1:
+                loss, count, seconds, stopping = self.run_epoch(stop)
+                if stopping:
                     if self.batch < self.n_batches:
                         self.save()
                     else:  # Ctrl-C in the epoch's last step: the epoch is complete, so close it as usual
@@ -267,45 +303,49 @@ class Trainer:
             return 0
         finally:
             signal.signal(signal.SIGINT, previous_handler)
-            if not os.listdir(self.run_dir):  # a run that failed before its first checkpoint leaves no empty folder
+            if self.run_dir and not os.listdir(self.run_dir):  # a run that failed before its first checkpoint leaves no empty folder
                 os.rmdir(self.run_dir)
 
     def run_epoch(self, stop):
-        """The current epoch's batches until its end, the budget's end or Ctrl-C; returns (mean loss, steps,
-        seconds). The bar closes before any error is printed, so the error is the last line."""
-        bs = self.cfg["batch_size"]
+        """The current epoch's batches until its end, the budget's end or Ctrl-C (in any process); returns (mean
+        loss, steps, seconds, stopped by Ctrl-C). The bar closes before any error is printed, so the error is
+        the last line."""
+        bs, part = self.cfg["batch_size"], self.world.share(self.cfg["batch_size"])
         # The order of each epoch derives from (seed, epoch) alone, so a resumed run sees the same data.
         g = torch.Generator().manual_seed(self.cfg["seed"] * 100_003 + self.epoch)
         order = torch.randperm(len(self.images), generator=g).to(self.device)
         bar = tqdm(total=self.n_batches * bs, initial=self.batch * bs, unit="img", mininterval=1, dynamic_ncols=True,
-                   desc=f"epoch {self.epoch + 1}" + (f"/{self.epochs}" if self.epochs else ""))
-        running, total, count, t0 = RunningLoss(self.device), 0.0, 0, time.time()
-        done = self.progress()
+                   desc=f"epoch {self.epoch + 1}" + (f"/{self.epochs}" if self.epochs else ""),
+                   disable=not self.world.main)
+        running, total, count, t0 = RunningLoss(self.device, self.world), 0.0, 0, time.time()
+        done, stopping = self.agreed_progress(), False
         try:
             while self.batch < self.n_batches and done < 1:
-                loss = self.run_step(order[self.batch * bs:(self.batch + 1) * bs], done)
+                loss = self.run_step(order[self.batch * bs:(self.batch + 1) * bs], done, part)
                 self.batch, self.step = self.batch + 1, self.step + 1
                 running.add(loss, self.step)
                 bar.update(bs)
-                done = self.progress()
-                if running.count == LOG_EVERY or self.batch == self.n_batches or stop.requested or done >= 1:
+                # Every process stops at the same step: the budget as the slowest clock has it, or Ctrl-C in any.
+                done, stopping = self.world.largest(self.progress(), stop.requested)
+                if running.count == LOG_EVERY or self.batch == self.n_batches or stopping or done >= 1:
                     mean, n = running.take()
                     self.history.append([self.step, mean])
                     total, count = total + mean * n, count + n
                     bar.set_postfix(loss=f"{mean:.4f}", budget=f"{done:.0%}")
-                if stop.requested:
+                if stopping:
                     break
         finally:
             bar.close()
-        return total / max(count, 1), count, time.time() - t0
+        return total / max(count, 1), count, time.time() - t0, bool(stopping)
 
-    def run_step(self, idx, done):
-        """One optimizer step on the images at idx, at the learning rate for this point of the budget."""
+    def run_step(self, idx, done, part):
+        """One optimizer step on the images at idx (this process's part of them), at the learning rate for this
+        point of the budget."""
         x0 = to_model_range(self.images[idx])  # (B, 1, 28, 28)
         y = drop_labels(self.labels[idx], self.cfg["label_dropout"], NO_LABEL) if self.cfg["conditional"] else None
         for group in self.opt.param_groups:
             group["lr"] = learning_rate(self.cfg, self.step, done)
-        return train_step(self.diffusion, self.net, self.ema, self.opt, x0, y, self.device, self.amp)
+        return train_step(self.diffusion, self.net, self.ema, self.opt, x0, y, self.device, self.amp, part)
 
     def end_epoch(self, loss, count, seconds):
         """Log the epoch; if it is complete, move to the next, evaluate when due and save. Returns False when
@@ -318,8 +358,10 @@ class Trainer:
             return False
         self.log.append(row)
         self.epoch, self.batch = self.epoch + 1, 0
-        if self.judge and self.epoch % self.s.eval_every == 0:
-            self.quick_eval()
+        if self.s.eval_every and self.epoch % self.s.eval_every == 0:
+            with together(self.world, "the --eval-every evaluation"):
+                if self.world.main:
+                    self.quick_eval()
         self.save()
         return True
 
@@ -352,8 +394,14 @@ class Trainer:
                 "history": self.history, "log": self.log, "class_prior": self.class_prior}
 
     def save(self):
+        """Rank 0 writes; every process learns whether it worked (and stops with it if not)."""
+        self.saved_clock = self.world.largest(self.elapsed())[0]
+        with together(self.world, "writing the checkpoint"):
+            if self.world.main:
+                self.write()
+
+    def write(self):
         """The checkpoint (refused if any weight is non-finite), pruning, log.jsonl and loss.png."""
-        self.saved_clock = self.elapsed()
         bad = [k for k, v in self.model.state_dict().items() if not torch.isfinite(v).all()]
         if bad:
             raise UserError(f"weights became non-finite ({bad[0]}) at step {self.step}; not saved, the last good "
@@ -377,8 +425,10 @@ class Trainer:
                               + ([f"{self.steps} steps"] if self.steps else [])
                               + ([f"{self.minutes:g} minutes"] if self.minutes else []))
         ema = f"power EMA {cfg['ema_length']:g}" if cfg["ema_length"] else f"EMA {cfg['ema_decay']:g}"
+        w = self.world.size
+        where = f"{w} processes (DDP, {cfg['batch_size'] // w} images each), " if w > 1 else ""
         print(f"{cfg['arch']} {count_parameters(self.model):,} parameters, {self.shape}; predicts "
               f"{cfg['objective']}, {cfg['loss']} loss, {cfg['weighting']} weighting; T={cfg['timesteps']}; {kind}; "
               f"lr {cfg['lr']:g}, {ema}; {len(self.images):,} images, "
-              f"{self.n_batches} batches of {cfg['batch_size']}; budget {budget}; device {self.device.type}, "
+              f"{self.n_batches} batches of {cfg['batch_size']}; budget {budget}; {where}device {self.device.type}, "
               f"{'bf16' if self.amp else 'fp32'}; run {self.run_dir}")

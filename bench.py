@@ -4,21 +4,27 @@ they come to the device's own matmul rate, in fp32 and bf16.
     python bench.py                      # prints a table, writes gen/bench.json
     python bench.py --device cpu --repeats 7 --out /tmp/bench.json
     python bench.py --precision fp32,bf16    # time bf16 even where it is emulated (slow)
+    python bench.py --processes 1,2      # also training images/s of 1 and 2 processes under torchrun (DDP)
 
-Every figure is the median of --repeats timed runs after an untimed warm-up, all in one process.
+Every figure is the median of --repeats timed runs after an untimed warm-up, all in one process; with
+--processes, the training rate is also timed in N processes, each started by torchrun on its share of the
+same global batch, as `torchrun --nproc_per_node=N run.py --mode train` trains.
 """
 import argparse
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ckpt import write_atomic
+import distributed
 from diffusion import Diffusion
 from errors import UserError
 from hardware import bf16_is_faster, pick_device, sync
@@ -54,6 +60,55 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
+def train_rate(world, device, amp, batch_size, steps, repeats):
+    """Training images/s of the default U-Net at the global batch batch_size: one process, or (under torchrun)
+    all of them together, each on its share with DDP averaging the gradients."""
+    torch.manual_seed(0)
+    diffusion = Diffusion(DEFAULTS["timesteps"])
+    model, ema, opt = make_trainable(vars(UNetConfig()), dict(DEFAULTS), device)
+    net, part = world.wrap(model), world.share(batch_size)
+    x0 = torch.rand(batch_size, 1, 28, 28, device=device) * 2 - 1
+
+    def train_steps():
+        for _ in range(steps):
+            train_step(diffusion, net, ema, opt, x0, None, device, amp, part)
+
+    return steps * batch_size / timed(train_steps, device, repeats)
+
+
+def process_rates(counts, args, precision):
+    """{processes: training images/s}: 1 in this process, more through torchrun running this script."""
+    rates = {}
+    for n in counts:
+        if n == 1:
+            rates[n] = train_rate(distributed.World(), pick_device(args.device), PRECISIONS[precision],
+                                  args.batch_size, args.steps, args.repeats)
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "rate.json")
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                   os.path.abspath(__file__), "--device", args.device, "--precision", precision, "--batch-size",
+                   str(args.batch_size), "--steps", str(args.steps), "--repeats", str(args.repeats), "--out", out]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode or not os.path.exists(out):
+                raise UserError(f"torchrun with {n} processes failed: {done.stderr.strip().splitlines()[-1:]}")
+            rates[n] = json.load(open(out))["train_images_per_s"]
+    return rates
+
+
+def worker(args):
+    """bench.py started by torchrun: time training in every process; rank 0 writes the rate to --out."""
+    device, amp = pick_device(args.device), PRECISIONS[args.precision]
+    world, device = distributed.start(device)
+    try:
+        rate = train_rate(world, device, amp, args.batch_size, args.steps, args.repeats)
+        if world.main:
+            write_atomic(args.out, lambda f: f.write(json.dumps({"train_images_per_s": rate}).encode()))
+    finally:
+        distributed.stop(world)
+    return 0
+
+
 def pick_precisions(names, device):
     """The precisions to time: auto skips bf16 where it is not native (there it runs many times slower)."""
     if names == "auto":
@@ -78,11 +133,18 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="timed repeats, median quoted (default 5)")
     p.add_argument("--precision", default="auto", help="auto (fp32, and bf16 where it is faster: what run.py's "
                                                         "--precision auto would use), or a list like fp32,bf16")
+    p.add_argument("--processes", default="1", metavar="N,M",
+                   help="also time training in N, M... processes under torchrun (CPU or N GPUs), e.g. 1,2")
     p.add_argument("--out", default="gen/bench.json", help="the table as JSON (default gen/bench.json)")
     args = p.parse_args(argv)
+    if distributed.launched():
+        return worker(args)
     try:
         device = pick_device(args.device)
         precisions = pick_precisions(args.precision, device)
+        counts = [int(n) for n in args.processes.split(",") if n.strip().isdigit() and int(n) > 0]
+        if not counts or len(counts) != len(args.processes.split(",")):
+            raise UserError(f"--processes must be a list of positive counts like 1,2, got {args.processes!r}")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -141,6 +203,15 @@ def main(argv=None):
     print(f"{'':<40}" + "".join(f"{n:>10}" for n in names))
     for label, key, form in rows:
         print(f"{label:<40}" + "".join(f"{form.format(result[n][key]):>10}" for n in names))
+    if counts != [1]:
+        try:
+            rates = process_rates(counts, args, precisions[0])
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        result["processes"] = {str(n): rate for n, rate in rates.items()}
+        print(f"training images/s (global batch {args.batch_size}, {precisions[0]}), by processes under torchrun: "
+              + ", ".join(f"{n}: {rate:.0f}" for n, rate in rates.items()))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     write_atomic(args.out, lambda f: f.write((json.dumps(result, indent=1) + "\n").encode()))
     print(f"wrote {args.out}")

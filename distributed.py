@@ -11,6 +11,7 @@ single-process run does exactly what it did before.
 """
 import datetime
 import os
+import re
 import signal
 import sys
 
@@ -137,6 +138,7 @@ PEER_ERRORS = (dist.DistError, RuntimeError)
 
 def peer_failed(error):
     """The one-line error for a collective that failed because another process is gone."""
-    reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ")[0][:120]  # Gloo's "[.../pair.cc:545] Read error ..."
     return UserError(f"another process of this torchrun run ended or stopped answering ({reason}); every process "
                      f"stops, and the last checkpoint is kept")

@@ -31,3 +31,12 @@ def test_precisions_to_time():
     assert bench.pick_precisions("fp32,bf16", cpu) == ["fp32", "bf16"]
     with pytest.raises(UserError, match="--precision must be auto or a list of fp32, bf16"):
         bench.pick_precisions("fp16", cpu)
+
+
+def test_bench_times_training_in_several_processes(tmp_path):
+    out = str(tmp_path / "bench.json")
+    assert bench.main(["--device", "cpu", "--precision", "fp32", "--batch-size", "4", "--sample-batch", "4",
+                       "--steps", "1", "--repeats", "1", "--processes", "1,2", "--out", out]) == 0
+    rates = json.load(open(out))["processes"]
+    assert set(rates) == {"1", "2"} and min(rates.values()) > 0
+    assert bench.main(["--processes", "1,x", "--out", out]) == 2

@@ -20,12 +20,24 @@ from errors import UserError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # What torchrun runs in each process: run.main, after arranging for process RANK_TO_KILL to SIGKILL itself at
-# its KILL_AT-th training step, or for every step to take STEP_DELAY seconds more; it prints its exit status.
+# its KILL_AT-th training step, for every step to take STEP_DELAY seconds more, or for rank 0's FULL_DISK_AT-th
+# checkpoint write to find the disk full; it prints its exit status.
 CHILD = r"""
-import os, signal, sys, time
+import errno, os, signal, sys, time
 sys.path.insert(0, os.environ["ROOT"])
+import torch
 import run
 import train as training
+
+real_save, saves = torch.save, [0]
+
+def save(obj, f):
+    saves[0] += 1
+    if os.environ["RANK"] == "0" and saves[0] == int(os.environ.get("FULL_DISK_AT", "0")):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    real_save(obj, f)
+
+torch.save = save
 
 real_step, steps = training.train_step, [0]
 
@@ -100,6 +112,17 @@ def test_a_killed_process_stops_the_other_and_keeps_the_last_checkpoint(tmp_path
     assert "rank 0 exit 0" not in proc.output and "rank 1 exit" not in proc.output  # rank 1 died with SIGKILL
     run_dir = os.path.join(ckpt_dir, "run_001")
     assert sorted(os.listdir(run_dir)) == ["ckpt_00000004.pt", "log.jsonl", "loss.png"]  # nothing partial
+    assert load_checkpoint(latest_checkpoint(ckpt_dir))["step"] == 4
+
+
+def test_a_failed_write_stops_every_process_with_one_message(tmp_path, mnist_root):
+    ckpt_dir = str(tmp_path / "ckpt")
+    proc = torchrun(tmp_path, train_argv(mnist_root, ckpt_dir, "--epochs", "3"), FULL_DISK_AT="2")
+    assert "rank 0 exit 2" in proc.output and "rank 1 exit 2" in proc.output, proc.output
+    errors = [line for line in proc.output.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "could not write" in errors[0] and "No space left" in errors[0], proc.output
+    run_dir = os.path.join(ckpt_dir, "run_001")
+    assert sorted(os.listdir(run_dir)) == ["ckpt_00000004.pt", "log.jsonl", "loss.png"]  # no temporary file
     assert load_checkpoint(latest_checkpoint(ckpt_dir))["step"] == 4
 
 

@@ -132,8 +132,14 @@ def stop(world):
         dist.destroy_process_group()
 
 
-# What a collective raises when another process died or timed out (Gloo raises plain RuntimeError).
-PEER_ERRORS = (dist.DistError, RuntimeError)
+def peer_lost(error):
+    """Whether an exception is a collective's failing because another process died or timed out: NCCL raises
+    DistError; Gloo raises a plain RuntimeError naming itself or the lost connection."""
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error).lower()
+    return (type(error) is RuntimeError
+            and any(k in text for k in ("gloo", "nccl", "connection", "timed out", "timeout", "peer")))
 
 
 def peer_failed(error):

@@ -31,7 +31,7 @@ from ckpt import (FORMAT, checkpoint_path, clean_temporary, fmt, load_checkpoint
                   reconcile, save_checkpoint, save_figure, training_lock, write_atomic)
 from data import load_mnist, to_model_range
 from diffusion import Diffusion
-from distributed import PEER_ERRORS, World, peer_failed
+from distributed import World, peer_failed, peer_lost
 from errors import UserError
 from hardware import autocast, maybe_compile, rng_state, set_rng_state
 from model import MLPConfig, UNetConfig, build_network, count_parameters
@@ -81,10 +81,10 @@ def train(settings, given=None, world=None):
         world.check_batch(cfg["batch_size"])
         try:
             return Trainer(settings, cfg, ckpt, world).run()
-        except PEER_ERRORS as e:
-            if world.size == 1:
-                raise
-            raise peer_failed(e) from None
+        except (RuntimeError, torch.distributed.DistError) as e:
+            if world.size > 1 and peer_lost(e):
+                raise peer_failed(e) from None
+            raise
 
 
 @contextlib.contextmanager
@@ -227,7 +227,9 @@ class Trainer:
         self.s, self.cfg, self.device, self.amp = settings, cfg, settings.device, settings.amp
         self.world = world or World(device=self.device)
         self.epochs, self.minutes, self.steps = run_budget(settings.epochs, settings.minutes, ckpt, settings.steps)
-        images, labels = load_mnist(settings.data_dir)  # (N, 28, 28) uint8, (N,): the whole set in memory
+        with together(self.world, "loading MNIST"):  # rank 0 first: two processes never download at once
+            data = load_mnist(settings.data_dir) if self.world.main else None
+        images, labels = data or load_mnist(settings.data_dir)  # (N, 28, 28) uint8, (N,): the whole set in memory
         self.images, self.labels = images.to(self.device), labels.to(self.device)
         # The digits' frequencies: sampling draws each image's label from them.
         self.class_prior = torch.bincount(labels, minlength=NO_LABEL).double().div(len(labels)).tolist()

@@ -102,6 +102,17 @@ def test_two_processes_train_what_one_process_trains(tmp_path, mnist_root):
     assert proc.returncode == 0, proc.output
     assert_same_run(single, load_checkpoint(checkpoint_path(run_dir, 6)))
 
+    # Resume with the same world size: the two-process run's first-epoch checkpoint, continued by two
+    # processes, lands bit for bit on the two-process run.
+    again = os.path.join(str(tmp_path / "again"), "run_001")
+    os.makedirs(again)
+    shutil.copy(checkpoint_path(os.path.join(two, "run_001"), 4), again)
+    proc = torchrun(tmp_path, train_argv(mnist_root, os.path.dirname(again), "--resume"))
+    assert proc.returncode == 0, proc.output
+    resumed = load_checkpoint(checkpoint_path(again, 6))
+    for key in ("model", "ema"):
+        assert all(torch.equal(resumed[key][k], v) for k, v in ddp[key].items()), key
+
 
 def test_a_killed_process_stops_the_other_and_keeps_the_last_checkpoint(tmp_path, mnist_root):
     ckpt_dir = str(tmp_path / "ckpt")

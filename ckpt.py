@@ -16,7 +16,7 @@ from errors import UserError
 FORMAT = "mnist-ddpm/1"  # written into every checkpoint, checked on load
 # Settings added after the first checkpoints, with what those earlier runs trained with.
 ADDED_SETTINGS = dict(conditional=False, label_dropout=0.0, schedule="constant", arch="unet", objective="eps",
-                      loss="mse", ema_length=None, weighting="uniform", attention=False)
+                      loss="mse", ema_length=None, weighting="uniform", attention=False, dataset="mnist")
 
 
 def write_atomic(path, write):
@@ -178,7 +178,8 @@ def reconcile(given, defaults, ckpt=None, path=None):
             raise UserError(f"--resume: {path} was trained with --ema-length {cfg['ema_length']:g}; drop "
                             f"--ema-decay to resume, or train a new run without --resume")
         cfg["ema_length"] = None
-    other = {"unet": ("width", "depth"), "mlp": ("channels", "blocks", "attention")}[cfg["arch"]]
+    other = {"unet": ("width", "depth"), "mlp": ("channels", "blocks", "attention"),
+             "points": ("channels", "blocks", "attention")}[cfg["arch"]]
     for key in other:
         if given.get(key) is not None:
             raise UserError(f"--{key} does not apply to --arch {cfg['arch']}; drop it (--channels, --blocks and "

@@ -1,10 +1,16 @@
-"""The training data: MNIST through torchvision, kept whole in memory as uint8."""
+"""The training data, kept whole in memory: MNIST through torchvision (uint8 images and labels), or the 2D
+heart, points on a heart-shaped curve (float, no labels), made on the spot."""
+import math
 import os
+
+import torch
 
 from errors import UserError
 
+DATASETS = ("mnist", "heart")
 MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+HEART_POINTS = 8000  # the heart's training set, as large as the 2D data sets of tiny-diffusion
 
 
 def load_mnist(root, train=True):
@@ -19,6 +25,39 @@ def load_mnist(root, train=True):
                         f"put the four files {', '.join(MNIST_FILES)} in {raw}") from None
 
 
-def to_model_range(images):
-    """uint8 (B, 28, 28) -> float (B, 1, 28, 28) in [-1, 1]."""
-    return images.unsqueeze(1).float().div(127.5).sub(1)
+def heart_curve(s):
+    """Points (N, 2) of the heart curve x = 16 sin^3 s, y = 13 cos s - 5 cos 2s - 2 cos 3s - cos 4s at
+    parameters s (N,), scaled by 1/17 into [-1, 1]."""
+    x = 16 * torch.sin(s) ** 3
+    y = 13 * torch.cos(s) - 5 * torch.cos(2 * s) - 2 * torch.cos(3 * s) - torch.cos(4 * s)
+    return torch.stack([x, y], dim=1) / 17
+
+
+def heart_points(n, seed=0):
+    """n points of the heart, at parameters drawn uniformly with the seed: the training set is seed 0, and
+    the evaluation's real sets are other seeds."""
+    g = torch.Generator().manual_seed(seed)
+    return heart_curve(torch.rand(n, generator=g, dtype=torch.float64) * 2 * math.pi).float()
+
+
+def load_data(dataset, root):
+    """(data, labels or None) of a data set, whole: MNIST's (N, 28, 28) uint8 images and labels from root,
+    or the heart's (N, 2) points."""
+    if dataset == "mnist":
+        return load_mnist(root)
+    elif dataset == "heart":
+        return heart_points(HEART_POINTS), None
+    else:
+        raise UserError(f"unknown --dataset {dataset!r}; choose {' or '.join(DATASETS)}")
+
+
+def sample_shape(dataset):
+    """The shape of one sample as the network sees it."""
+    return (2,) if dataset == "heart" else (1, 28, 28)
+
+
+def to_model_range(data):
+    """uint8 images (B, 28, 28) -> float (B, 1, 28, 28) in [-1, 1]; points (B, 2) are already in range."""
+    if data.dtype != torch.uint8:
+        return data
+    return data.unsqueeze(1).float().div(127.5).sub(1)

@@ -145,7 +145,7 @@ class Diffusion:
         out, target = model(xt, t).float(), self.target(x0, xt, t, noise)
         if self.t_weight is None:
             return LOSSES[self.loss_type](out, target)
-        per_image = LOSSES[self.loss_type](out, target, reduction="none").mean(dim=(1, 2, 3))
+        per_image = LOSSES[self.loss_type](out, target, reduction="none").flatten(1).mean(dim=1)
         return (self.t_weight.to(x0.device)[t] * per_image).mean()
 
     def timestep_pairs(self, steps, spacing="linspace"):

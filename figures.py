@@ -1,4 +1,4 @@
-"""Figures: pure functions from image tensors (values in [-1, 1]) to PIL images or matplotlib figures.
+"""Figures: pure functions from image tensors (values in [-1, 1]) or 2D points to PIL images or matplotlib figures.
 
 Nothing here writes files or knows about training; run.py decides where each figure goes.
 """
@@ -6,6 +6,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
@@ -89,3 +90,34 @@ def budget_curves(series, floor, title, xlabel):
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def point_cloud(points, curve, title, ax=None):
+    """2D points (N, 2) as a scatter over the true curve (M, 2), on fixed axes; a new figure unless ax is given."""
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    ax.plot(curve[:, 0], curve[:, 1], color="tab:red", lw=1, alpha=0.6)
+    ax.scatter(points[:, 0].clamp(-3, 3), points[:, 1].clamp(-3, 3), s=2, alpha=0.5, color="black")
+    ax.set_xlim(-1.6, 1.6)
+    ax.set_ylim(-1.6, 1.6)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=9)
+    if fig is not None:
+        fig.tight_layout()
+    return fig
+
+
+def point_frames(frames, titles, curve):
+    """frames (F, N, 2) -> a list of PIL images, one scatter per frame, for a GIF."""
+    fig, ax = plt.subplots(figsize=(3.6, 3.6), dpi=80)
+    images = []
+    for points, title in zip(frames, titles):
+        ax.clear()
+        point_cloud(points, curve, title, ax)
+        fig.canvas.draw()
+        images.append(Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()))
+    plt.close(fig)
+    return images

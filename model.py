@@ -200,8 +200,40 @@ class MLP(nn.Module):
         return fp32_head(self.out, h).view_as(x)  # (B, 1, 28, 28)
 
 
+@dataclass
+class PointMLPConfig:
+    # tiny-diffusion's network for 2D data: 128 wide, 3 blocks, each coordinate and t as sinusoidal features.
+    width: int = 128
+    depth: int = 3
+    num_classes: int = 0    # the heart has no labels
+    scale: float = 25.0     # coordinates in [-1, 1] times this before their sinusoidal features
+
+
+class PointMLP(nn.Module):
+    """out = PointMLP(x, t) for 2D points x (B, 2): each coordinate becomes sinusoidal features (so the network
+    can draw a thin curve; raw coordinates give it only smooth functions to start from), joined with t's."""
+
+    def __init__(self, cfg: PointMLPConfig):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.time_mlp = nn.Sequential(nn.Linear(128, w), nn.SiLU())
+        self.label_emb = label_embedding(cfg.num_classes, w)
+        self.inp = nn.Linear(2 * 128, w)
+        self.blocks = nn.ModuleList(MLPBlock(w) for _ in range(cfg.depth))
+        self.out = nn.Sequential(nn.LayerNorm(w), nn.SiLU(), nn.Linear(w, 2))
+
+    def forward(self, x, t, y=None):
+        temb = add_label(self.label_emb, self.time_mlp(timestep_embedding(t, 128)), y)  # (B, width)
+        features = [timestep_embedding(x[:, i] * self.cfg.scale, 128) for i in range(2)]  # 2 x (B, 128)
+        h = self.inp(torch.cat(features, dim=1))  # (B, width)
+        for block in self.blocks:
+            h = block(h, temb)
+        return fp32_head(self.out, h)  # (B, 2)
+
+
 def build_network(config):
-    """The network a checkpoint's model_config describes: {"arch": "unet" | "mlp", **its config}."""
+    """The network a checkpoint's model_config describes: {"arch": "unet" | "mlp" | "points", **its config}."""
     config = dict(config)
     arch = config.pop("arch", "unet")  # checkpoints from before the MLP hold a U-Net
     config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
@@ -209,8 +241,10 @@ def build_network(config):
         return UNet(UNetConfig(**config))
     elif arch == "mlp":
         return MLP(MLPConfig(**config))
+    elif arch == "points":
+        return PointMLP(PointMLPConfig(**config))
     else:
-        raise ValueError(f"unknown architecture {arch!r}; expected unet or mlp")
+        raise ValueError(f"unknown architecture {arch!r}; expected unet, mlp or points")
 
 
 def count_parameters(model):

@@ -14,6 +14,7 @@ import sys
 
 import distributed
 from ckpt import fmt, latest_checkpoint
+from data import DATASETS
 from diffusion import LOSSES, MIN_TIMESTEPS, OBJECTIVES, WEIGHTINGS
 from errors import UserError
 from evaluate import evaluate
@@ -23,7 +24,9 @@ from sample import DEFAULT_GUIDANCE, DEFAULT_INTERVAL_SHARE, DEFAULT_SAMPLER, DE
 from train import DEFAULT_EPOCHS, DEFAULTS, TrainSettings, train
 
 # Flags a mode would ignore are refused rather than silently dropped.
-TRAINING_FLAGS = (*DEFAULTS, "epochs", "minutes", "train_steps", "resume", "keep", "eval_every")
+# --dataset is a training setting that sample and eval take as a check of the checkpoint.
+TRAINING_FLAGS = (*(k for k in DEFAULTS if k != "dataset"), "epochs", "minutes", "train_steps", "resume", "keep",
+                  "eval_every")
 SAMPLING_FLAGS = ("n_samples", "sampler", "steps", "eta", "churn", "sample_seed", "digit", "guidance", "interval")
 
 
@@ -109,6 +112,10 @@ def build_parser():
                    help="bf16 autocast with fp32 weights; auto: bf16 where measured faster (default auto)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network for training and sampling (CUDA, CPU; not MPS)")
+    p.add_argument("--dataset", choices=DATASETS,
+                   help="train: mnist, or heart, 2D points on a heart curve (made on the spot, no labels, a point "
+                        "MLP); sample and eval: the data set the checkpoint must be of (default: mnist for a new "
+                        "run, the checkpoint's otherwise)")
     p.add_argument("--data-dir", default="dataset/mnist", metavar="DIR", help="MNIST root (default dataset/mnist)")
     p.add_argument("--ckpt-dir", default="checkpoints", metavar="DIR",
                    help="runs go in DIR/run_NNN; the eval classifier in DIR (default checkpoints)")
@@ -229,7 +236,7 @@ def sample_settings(args, device, amp):
                           data_dir=args.data_dir, n_samples=args.n_samples, sampler=args.sampler,
                           steps=args.steps, eta=args.eta, churn=args.churn, seed=args.sample_seed or 0,
                           digit=args.digit, guidance=args.guidance, interval=args.interval, device=device, amp=amp,
-                          compile=args.compile)
+                          compile=args.compile, dataset=args.dataset)
 
 
 def main(argv=None):

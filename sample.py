@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import figures
 from ckpt import load_checkpoint, make_folder, save_figure, write_atomic
-from data import load_mnist, to_model_range
+from data import heart_curve, heart_points, load_mnist, sample_shape, to_model_range
 from diffusion import Diffusion
 from errors import UserError
 from hardware import autocast, maybe_compile
@@ -49,6 +49,7 @@ class SampleSettings:
     eta: Optional[float] = None  # DDIM noise, default 1
     churn: Optional[float] = None  # Heun's S_churn, default 0
     seed: int = 0
+    dataset: Optional[str] = None  # the data set the checkpoint must have been trained on; None: whichever
     digit: Optional[int] = None  # a grid of one digit (labelled runs)
     guidance: Optional[float] = None  # default DEFAULT_GUIDANCE for labelled runs; 0 draws with no label
     interval: Optional[tuple] = None  # the timesteps (lo, hi) where guidance applies, default default_interval(T)
@@ -135,8 +136,8 @@ def denoiser(model, device, amp, interval=EVERYWHERE):
 
 
 def generate(denoise, diffusion, n, plan, device, seed, labels=None, guidance=1.0, batch_size=BATCH,
-             desc="sampling"):
-    """n final samples (n, 1, 28, 28) on the CPU, drawn in batches, for labels (n,) or unconditionally;
+             desc="sampling", shape=(1, 28, 28)):
+    """n final samples (n, *shape) on the CPU, drawn in batches, for labels (n,) or unconditionally;
     the same seed gives the same images."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -145,7 +146,7 @@ def generate(denoise, diffusion, n, plan, device, seed, labels=None, guidance=1.
             m = min(batch_size, n - i)
             y = None if labels is None else labels[i:i + m].to(device)
             model = lambda x, t: denoise(x, t, y, guidance)  # noqa: E731
-            for _, x, _ in diffusion.sample_loop(model, (m, 1, 28, 28), device=device, generator=g,
+            for _, x, _ in diffusion.sample_loop(model, (m, *shape), device=device, generator=g,
                                                  **plan.kwargs()):
                 bar.update(m)
             out.append(x.float().cpu())
@@ -170,6 +171,7 @@ class Sampler:
     interval: tuple  # the timesteps (lo, hi) where guidance applies
     device: torch.device
     sampler: str = DEFAULT_SAMPLER  # the plan's name, one of SAMPLERS
+    dataset: str = "mnist"  # what the checkpoint was trained on (data.DATASETS)
 
     def labels(self, n, seed, digit=None):
         """What to ask for, (n,) or None: digit, else each image's digit drawn from the class prior; None
@@ -184,15 +186,22 @@ class Sampler:
     def generate(self, n, seed, labels=None, desc="sampling"):
         """n images from seed, guided towards labels (n,) if given."""
         return generate(self.denoise, self.diffusion, n, self.plan, self.device, seed, labels=labels,
-                        guidance=self.guidance if labels is not None else 1.0, desc=desc)
+                        guidance=self.guidance if labels is not None else 1.0, desc=desc,
+                        shape=sample_shape(self.dataset))
 
 
 def load_sampler(s):
     """The checkpoint s.checkpoint as a Sampler, its settings checked against what s asks for."""
     ckpt = load_checkpoint(s.checkpoint)
+    dataset = ckpt["train_config"].get("dataset", "mnist")
+    if s.dataset is not None and s.dataset != dataset:
+        raise UserError(f"{s.checkpoint} was trained on {dataset}, so it cannot draw --dataset {s.dataset}; drop "
+                        f"--dataset or pick a checkpoint trained with --dataset {s.dataset}")
     diffusion = Diffusion(**ckpt["diffusion_config"])
     mean = diffusion.objective == "mean"
-    sampler = s.sampler or ("ddpm" if mean else DEFAULT_SAMPLER)
+    # The heart is a thin curve: solvers that skip steps cut across it (tests/test_heart.py), and all T steps of
+    # a network this small take seconds.
+    sampler = s.sampler or ("ddpm" if mean or dataset == "heart" else DEFAULT_SAMPLER)
     try:
         plan = sampler_plan(sampler, s.steps, s.eta, s.churn, diffusion.timesteps)
     except UserError:
@@ -223,12 +232,15 @@ def load_sampler(s):
     print(f"{s.checkpoint}: epoch {ckpt['epoch']}, step {ckpt['step']}, {what}; {plan.describe(sampler)}; "
           f"{s.device.type}, {'bf16' if s.amp else 'fp32'}")
     denoise = denoiser(maybe_compile(model, s.compile), s.device, s.amp, interval)
-    return Sampler(s.checkpoint, ckpt, diffusion, denoise, plan, guidance, interval, s.device, sampler)
+    return Sampler(s.checkpoint, ckpt, diffusion, denoise, plan, guidance, interval, s.device, sampler, dataset)
 
 
 def sample(s):
-    """The sample mode: sample.png, process.png, process.gif, digits.png and forward.png in s.out_dir."""
+    """The sample mode: sample.png, process.png, process.gif, digits.png and forward.png in s.out_dir (for the
+    heart: sample.png and process.gif)."""
     sp = load_sampler(s)
+    if sp.dataset == "heart":
+        return sample_points(sp, s)
     n = s.n_samples or 256
     labels = sp.labels(n, s.seed, s.digit)
     x, strip, strip_labels, anim, seconds = draw_with_frames(sp, n, labels, s.seed)
@@ -300,3 +312,35 @@ def forward_figure(diffusion, data_dir, seed):
     noised = [diffusion.q_sample(real, t.repeat(len(real)), torch.randn(real.shape, generator=g)) for t in ts]
     return figures.strips(torch.stack([real] + noised), ["x0"] + [f"t={t}" for t in ts.tolist()],
                           "forward process q(x_t | x_0) on real digits")
+
+
+def sample_points(sp, s):
+    """The heart's sample mode: sample.png, s.n_samples (default 1000) points drawn over the true curve, and
+    process.gif, the cloud through the forward process (real points to noise) and then the reverse one."""
+    n, steps = s.n_samples or 1000, sp.plan.steps
+    g = torch.Generator().manual_seed(s.seed)
+    real = heart_points(n, seed=s.seed + 1)
+    ts = torch.linspace(0, sp.diffusion.timesteps - 1, 20).round().long()
+    forward = [sp.diffusion.q_sample(real, t.repeat(n), torch.randn(real.shape, generator=g)) for t in ts]
+    noise = torch.randn((n, 2), generator=g)
+    t0 = time.time()
+    loop = sp.diffusion.sample_loop(lambda x, t: sp.denoise(x, t), noise.shape, device=sp.device, noise=noise,
+                                    generator=torch.Generator().manual_seed(s.seed + 1), **sp.plan.kwargs())
+    keep = torch.linspace(0, steps, min(41, steps + 1)).round().long().tolist()  # about 40 frames of the way
+    reverse = [noise]
+    for k, (t, x, _) in enumerate(tqdm(loop, total=steps, desc="sampling", mininterval=1), start=1):
+        if k in keep:
+            reverse.append(x.float().cpu())
+    seconds = time.time() - t0
+    curve = heart_curve(torch.linspace(0, 2 * math.pi, 400, dtype=torch.float64)).float()
+    make_folder(s.out_dir, "--out-dir")
+    out = lambda name: os.path.join(s.out_dir, name)  # noqa: E731
+    save_figure(figures.point_cloud(reverse[-1], curve, f"{n} points drawn, {sp.plan.describe(sp.sampler)}"),
+                out("sample.png"))
+    titles = [f"forward, t={t}" for t in ts.tolist()] + [f"reverse, step {k}/{steps}" for k in keep]
+    frames = figures.point_frames(forward + reverse, titles, curve)
+    durations = [120] * (len(frames) - 1) + [1500]  # hold the finished heart
+    write_atomic(out("process.gif"), lambda f: frames[0].save(
+        f, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0))
+    print(f"sampled {n} points in {seconds:.1f} s; wrote {out('sample.png')}, {out('process.gif')}")
+    return 0

@@ -29,16 +29,16 @@ import figures
 import sample
 from ckpt import (FORMAT, checkpoint_path, clean_temporary, fmt, load_checkpoint, new_run_dir, prune_checkpoints,
                   reconcile, save_checkpoint, save_figure, training_lock, write_atomic)
-from data import load_mnist, to_model_range
+from data import load_data, to_model_range
 from diffusion import Diffusion
 from distributed import World, peer_failed, peer_lost
 from errors import UserError
 from hardware import autocast, maybe_compile, rng_state, set_rng_state
-from model import MLPConfig, UNetConfig, build_network, count_parameters
+from model import MLPConfig, PointMLPConfig, UNetConfig, build_network, count_parameters
 
 # The settings that define a run. A new run takes these unless told otherwise; a resumed run takes its
 # checkpoint's, and a setting given on resume must agree with the checkpoint's.
-DEFAULTS = dict(arch="unet", channels=UNetConfig.channels, blocks=UNetConfig.blocks, width=MLPConfig.width,
+DEFAULTS = dict(dataset="mnist", arch="unet", channels=UNetConfig.channels, blocks=UNetConfig.blocks, width=MLPConfig.width,
                 depth=MLPConfig.depth, objective="x0", loss="mse", timesteps=1000,
                 batch_size=64, lr=1e-3, warmup=200, schedule="cosine", ema_decay=0.999, ema_length=0.1,
                 seed=0, conditional=True, label_dropout=0.1, weighting="p2", attention=False)
@@ -78,6 +78,8 @@ def train(settings, given=None, world=None):
                 if ckpt:  # we hold the lock: any temporary file in the run's folder is a killed write's leftover
                     clean_temporary(os.path.dirname(settings.resume))
         cfg = reconcile(given or {}, DEFAULTS, ckpt, settings.resume)
+        if not ckpt:
+            cfg = for_dataset(cfg, given or {})
         world.check_batch(cfg["batch_size"])
         try:
             return Trainer(settings, cfg, ckpt, world).run()
@@ -97,6 +99,20 @@ def together(world, what):
         ok = True
     finally:
         world.all_ok(ok, what)
+
+
+def for_dataset(cfg, given):
+    """A new run's settings that follow from its data set: the heart's 2D points train the point MLP, without
+    labels."""
+    if cfg["dataset"] != "heart":
+        return cfg
+    wrong = [k for k in ("arch", "channels", "blocks", "attention", "label_dropout") if given.get(k) is not None]
+    if wrong:
+        raise UserError(f"--{wrong[0].replace('_', '-')} does not apply to --dataset heart (2D points without labels, "
+                        f"drawn by its own point MLP: --width, --depth); drop it", everywhere=True)
+    points = PointMLPConfig()
+    return dict(cfg, arch="points", conditional=False, width=given.get("width") or points.width,
+                depth=given.get("depth") or points.depth)
 
 
 def run_budget(epochs, minutes, ckpt=None, steps=None):
@@ -130,6 +146,9 @@ def network_config(cfg, num_classes):
     elif cfg["arch"] == "mlp":
         return ({"arch": "mlp", **asdict(MLPConfig(cfg["width"], cfg["depth"], num_classes))},
                 f"width {cfg['width']}, depth {cfg['depth']}")
+    elif cfg["arch"] == "points":
+        return ({"arch": "points", **asdict(PointMLPConfig(cfg["width"], cfg["depth"], num_classes))},
+                f"width {cfg['width']}, depth {cfg['depth']}, sinusoidal features of each coordinate")
     else:
         raise UserError(f"unknown --arch {cfg['arch']!r}; choose unet or mlp")
 
@@ -227,13 +246,19 @@ class Trainer:
         self.s, self.cfg, self.device, self.amp = settings, cfg, settings.device, settings.amp
         self.world = world or World(device=self.device)
         self.epochs, self.minutes, self.steps = run_budget(settings.epochs, settings.minutes, ckpt, settings.steps)
-        with together(self.world, "loading MNIST"):  # rank 0 first: two processes never download at once
-            data = load_mnist(settings.data_dir) if self.world.main else None
-        images, labels = data or load_mnist(settings.data_dir)  # (N, 28, 28) uint8, (N,): the whole set in memory
-        self.images, self.labels = images.to(self.device), labels.to(self.device)
+        if settings.eval_every and cfg["dataset"] != "mnist":
+            raise UserError(f"--eval-every measures digits; for --dataset {cfg['dataset']} drop it and use --mode eval "
+                            f"after training", everywhere=True)
+        with together(self.world, "loading the data"):  # rank 0 first: two processes never download at once
+            loaded = load_data(cfg["dataset"], settings.data_dir) if self.world.main else None
+        # MNIST: (N, 28, 28) uint8 and labels (N,); the heart: (N, 2) points and None. The whole set in memory.
+        data, labels = loaded or load_data(cfg["dataset"], settings.data_dir)
+        self.data = data.to(self.device)
+        self.labels = labels.to(self.device) if labels is not None else None
         # The digits' frequencies: sampling draws each image's label from them.
-        self.class_prior = torch.bincount(labels, minlength=NO_LABEL).double().div(len(labels)).tolist()
-        self.n_batches = max(1, len(images) // cfg["batch_size"])  # the last partial batch is dropped
+        self.class_prior = (torch.bincount(labels, minlength=NO_LABEL).double().div(len(labels)).tolist()
+                            if labels is not None else None)
+        self.n_batches = max(1, len(data) // cfg["batch_size"])  # the last partial batch is dropped
         if ckpt and self.progress(ckpt["step"], ckpt.get("elapsed", 0.0)) >= 1:
             raise UserError(f"{settings.resume} has already used its budget ({ckpt['epoch']} epochs, step "
                             f"{ckpt['step']}); pass a larger --epochs, --train-steps or --minutes to train on")
@@ -315,7 +340,7 @@ class Trainer:
         bs, part = self.cfg["batch_size"], self.world.share(self.cfg["batch_size"])
         # The order of each epoch derives from (seed, epoch) alone, so a resumed run sees the same data.
         g = torch.Generator().manual_seed(self.cfg["seed"] * 100_003 + self.epoch)
-        order = torch.randperm(len(self.images), generator=g).to(self.device)
+        order = torch.randperm(len(self.data), generator=g).to(self.device)
         bar = tqdm(total=self.n_batches * bs, initial=self.batch * bs, unit="img", mininterval=1, dynamic_ncols=True,
                    desc=f"epoch {self.epoch + 1}" + (f"/{self.epochs}" if self.epochs else ""),
                    disable=not self.world.main)
@@ -343,7 +368,7 @@ class Trainer:
     def run_step(self, idx, done, part):
         """One optimizer step on the images at idx (this process's part of them), at the learning rate for this
         point of the budget."""
-        x0 = to_model_range(self.images[idx])  # (B, 1, 28, 28)
+        x0 = to_model_range(self.data[idx])  # (B, 1, 28, 28) or points (B, 2)
         y = drop_labels(self.labels[idx], self.cfg["label_dropout"], NO_LABEL) if self.cfg["conditional"] else None
         for group in self.opt.param_groups:
             group["lr"] = learning_rate(self.cfg, self.step, done)
@@ -431,6 +456,6 @@ class Trainer:
         where = f"{w} processes (DDP, {cfg['batch_size'] // w} images each), " if w > 1 else ""
         print(f"{cfg['arch']} {count_parameters(self.model):,} parameters, {self.shape}; predicts "
               f"{cfg['objective']}, {cfg['loss']} loss, {cfg['weighting']} weighting; T={cfg['timesteps']}; {kind}; "
-              f"lr {cfg['lr']:g}, {ema}; {len(self.images):,} images, "
+              f"lr {cfg['lr']:g}, {ema}; {len(self.data):,} {'images' if cfg['dataset'] == 'mnist' else 'points'}, "
               f"{self.n_batches} batches of {cfg['batch_size']}; budget {budget}; {where}device {self.device.type}, "
               f"{'bf16' if self.amp else 'fp32'}; run {self.run_dir}")

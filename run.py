@@ -125,8 +125,8 @@ def build_parser():
     g = p.add_argument_group("training (a new run takes the defaults; --resume takes the checkpoint's)")
     g.add_argument("--resume", action="store_true", default=None, help="continue the newest run, or --checkpoint")
     g.add_argument("--epochs", type=positive_int, metavar="N",
-                   help=f"total epochs of the run (default {DEFAULT_EPOCHS}, or no limit with --minutes or "
-                        f"--train-steps)")
+                   help=f"total epochs of the run (default {DEFAULT_EPOCHS['mnist']}, {DEFAULT_EPOCHS['heart']} for "
+                        f"the heart, or no limit with --minutes or --train-steps)")
     g.add_argument("--minutes", type=positive_float, metavar="M",
                    help="wall-clock budget of the run in minutes, kept across --resume; with --epochs, "
                         "whichever ends first. The lr schedule and the end of training follow the budget; "

@@ -14,6 +14,7 @@ from data import heart_curve, heart_points
 from diffusion import Diffusion
 from evaluate import curve_distance, sliced_wasserstein
 from model import PointMLP, PointMLPConfig
+from train import DEFAULTS, for_dataset
 
 HEART = ["--dataset", "heart", "--timesteps", "20", "--batch-size", "16", "--precision", "fp32", "--device", "cpu"]
 
@@ -102,3 +103,13 @@ def test_heart_training_refuses_what_does_not_apply(tmp_path, flag, capsys):
     assert run.main(["--mode", "train", "--train-steps", "2", "--ckpt-dir", str(tmp_path), *HEART, *flag]) == 2
     assert flag[0] in capsys.readouterr().err
     assert not os.path.exists(os.path.join(str(tmp_path), "run_001"))
+
+
+def test_a_new_heart_run_takes_the_point_recipe_unless_told_otherwise():
+    heart = dict(DEFAULTS, dataset="heart")
+    cfg = for_dataset(heart, {})
+    assert (cfg["arch"], cfg["conditional"], cfg["objective"], cfg["weighting"], cfg["batch_size"], cfg["width"],
+            cfg["depth"]) == ("points", False, "eps", "uniform", 256, 128, 3)
+    assert for_dataset(heart, {"objective": "mean"})["weighting"] == "vlb"
+    assert for_dataset(heart, {"objective": "x0", "weighting": "p2", "batch_size": 32})["batch_size"] == 32
+    assert for_dataset(dict(DEFAULTS), {}) == dict(DEFAULTS)  # MNIST runs keep the defaults

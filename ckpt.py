@@ -165,7 +165,7 @@ def reconcile(given, defaults, ckpt=None, path=None):
                 flag = "--" + key.replace("_", "-")
                 was = f"{flag} {fmt(cfg[key])}, not {fmt(value)}"
             raise UserError(f"--resume: {path} was trained with {was}; drop {flag} to resume, "
-                            f"or train a new run without --resume")
+                            f"or train a new run without --resume", everywhere=True)
         cfg[key] = value
     if not cfg["conditional"] and given.get("label_dropout") is not None:
         raise UserError("--label-dropout needs labels; drop it or drop --unconditional")
@@ -178,10 +178,12 @@ def reconcile(given, defaults, ckpt=None, path=None):
             raise UserError(f"--resume: {path} was trained with --ema-length {cfg['ema_length']:g}; drop "
                             f"--ema-decay to resume, or train a new run without --resume")
         cfg["ema_length"] = None
+    arch = "points" if cfg["dataset"] == "heart" else cfg["arch"]  # a new heart run gets its arch after this
     other = {"unet": ("width", "depth"), "mlp": ("channels", "blocks", "attention"),
-             "points": ("channels", "blocks", "attention")}[cfg["arch"]]
+             "points": ("channels", "blocks", "attention")}[arch]
     for key in other:
         if given.get(key) is not None:
-            raise UserError(f"--{key} does not apply to --arch {cfg['arch']}; drop it (--channels, --blocks and "
-                            f"--attention shape the U-Net, --width and --depth the MLP)")
+            what = "--dataset heart (its point MLP takes --width and --depth)" if arch == "points" else (
+                f"--arch {arch} (--channels, --blocks and --attention shape the U-Net, --width and --depth the MLP)")
+            raise UserError(f"--{key} does not apply to {what}; drop it", everywhere=True)
     return cfg

@@ -22,8 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 from errors import UserError
 
 # A collective that waits longer than this ends the run with an error: a process died or stopped answering.
-# Long enough for rank 0's work that the others wait for (a checkpoint, a --eval-every evaluation).
-TIMEOUT = datetime.timedelta(minutes=15)
+# Long enough for rank 0's work that the others wait for (a checkpoint, a --eval-every evaluation on a CPU).
+TIMEOUT = datetime.timedelta(minutes=30)
 
 
 def launched():
@@ -36,12 +36,16 @@ def rank():
     return int(os.environ.get("RANK", "0"))
 
 
+def local_rank():
+    """This process's rank on its machine under torchrun, 0 otherwise."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def use_local_gpu():
     """Under torchrun, make this process's GPU the current one before anything touches CUDA (otherwise every
     process would open a context on GPU 0 when the precision check runs there)."""
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if launched() and torch.cuda.is_available() and local < torch.cuda.device_count():
-        torch.cuda.set_device(local)
+    if launched() and torch.cuda.is_available() and local_rank() < torch.cuda.device_count():
+        torch.cuda.set_device(local_rank())
 
 
 class World:
@@ -53,6 +57,11 @@ class World:
     @property
     def main(self):
         return self.rank == 0
+
+    @property
+    def machine_main(self):
+        """The first process on its machine: it alone fetches what every process there reads (the data)."""
+        return self.size == 1 or local_rank() == 0
 
     def share(self, n):
         """This process's slice of a batch of n (n divides by the world size: check_batch)."""
@@ -79,6 +88,13 @@ class World:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
         return tuple(t.tolist())
 
+    def same(self, value, what):
+        """Check that every process holds the same number (the step of the checkpoint each one resumes)."""
+        low, high = self.largest(-value, value)
+        if -low != high:
+            raise UserError(f"the processes {what} differ ({-low:g} against {high:g}); give every machine the same "
+                            f"file, on a filesystem they share, with --checkpoint PATH", everywhere=True)
+
     def all_ok(self, ok, what):
         """Whether every process succeeded at `what`; the ones that did raise a one-line error (printed by
         rank 0 only) if another did not, so every process stops at the same point."""
@@ -102,7 +118,7 @@ def start(device):
     if device.type == "mps":
         raise UserError("torchrun with several processes needs --device cuda or cpu (MPS is one GPU with no "
                         "collective backend); run python run.py alone on a Mac", everywhere=True)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    local = local_rank()
     if device.type == "cuda":
         if local >= torch.cuda.device_count():
             raise UserError(f"--nproc_per_node asks for GPU {local} but this machine has "
@@ -127,7 +143,8 @@ def terminated(signum, frame):
 
 
 def stop(world):
-    """Leave the process group (a no-op for one process)."""
+    """Leave the process group at the end of a run that went well (a no-op for one process). After an error
+    the process just exits: with NCCL, leaving could block on an operation a lost process never answers."""
     if world.size > 1 and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -219,16 +219,17 @@ def check_mode_flags(args):
 
 def train_mode(args, device, amp):
     if args.checkpoint and not args.resume:
-        raise UserError("--checkpoint in train mode needs --resume (to continue that run)")
+        raise UserError("--checkpoint in train mode needs --resume (to continue that run)", everywhere=True)
     resume = (args.checkpoint or latest_checkpoint(args.ckpt_dir)) if args.resume else None
     world, device = distributed.start(device)  # one process, or one of torchrun's
-    try:
-        settings = TrainSettings(data_dir=args.data_dir, ckpt_dir=args.ckpt_dir, resume=resume, epochs=args.epochs,
-                                 minutes=args.minutes, steps=args.train_steps, keep=args.keep,
-                                 eval_every=args.eval_every, device=device, amp=amp, compile=args.compile)
-        return train(settings, {key: getattr(args, key) for key in DEFAULTS}, world)
-    finally:
-        distributed.stop(world)
+    if world.largest(float(amp is None))[0]:  # each process timed bf16 on its own: all use it, or none
+        amp = None
+    settings = TrainSettings(data_dir=args.data_dir, ckpt_dir=args.ckpt_dir, resume=resume, epochs=args.epochs,
+                             minutes=args.minutes, steps=args.train_steps, keep=args.keep,
+                             eval_every=args.eval_every, device=device, amp=amp, compile=args.compile)
+    status = train(settings, {key: getattr(args, key) for key in DEFAULTS}, world)
+    distributed.stop(world)
+    return status
 
 
 def sample_settings(args, device, amp):
@@ -264,7 +265,8 @@ def main(argv=None):
             print(f"error (rank {distributed.rank()}): {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; files written so far are complete", file=sys.stderr)
+        if distributed.rank() == 0:
+            print("interrupted; files written so far are complete", file=sys.stderr)
         return 130
 
 

@@ -220,7 +220,8 @@ def load_sampler(s):
     given = [f for f, v in (("--digit", s.digit), ("--guidance", s.guidance), ("--guidance-interval", s.interval))
              if v is not None]
     if not labelled and given:
-        raise UserError(f"{s.checkpoint} was trained without labels (--unconditional), so {given[0]} cannot "
+        why = "the heart has none" if dataset == "heart" else "--unconditional"
+        raise UserError(f"{s.checkpoint} was trained without labels ({why}), so {given[0]} cannot "
                         f"apply; drop {given[0]} or pick a checkpoint trained with labels")
     if s.digit is not None and s.guidance == 0:
         raise UserError("--digit needs a label, and --guidance 0 draws with none; drop one of them")

@@ -77,6 +77,8 @@ def train(settings, given=None, world=None):
                 held.enter_context(training_lock(runs))
                 if ckpt:  # we hold the lock: any temporary file in the run's folder is a killed write's leftover
                     clean_temporary(os.path.dirname(settings.resume))
+        if ckpt:  # on several machines each process reads its own copy: they must hold the same run
+            world.same(ckpt["step"], "resume from checkpoints whose steps")
         cfg = reconcile(given or {}, DEFAULTS, ckpt, settings.resume)
         if not ckpt:
             cfg = for_dataset(cfg, given or {})
@@ -254,8 +256,9 @@ class Trainer:
         if settings.eval_every and cfg["dataset"] != "mnist":
             raise UserError(f"--eval-every measures digits; for --dataset {cfg['dataset']} drop it and use --mode eval "
                             f"after training", everywhere=True)
-        with together(self.world, "loading the data"):  # rank 0 first: two processes never download at once
-            loaded = load_data(cfg["dataset"], settings.data_dir) if self.world.main else None
+        # The first process of each machine first: two processes never download into one folder at once.
+        with together(self.world, "loading the data"):
+            loaded = load_data(cfg["dataset"], settings.data_dir) if self.world.machine_main else None
         # MNIST: (N, 28, 28) uint8 and labels (N,); the heart: (N, 2) points and None. The whole set in memory.
         data, labels = loaded or load_data(cfg["dataset"], settings.data_dir)
         self.data = data.to(self.device)
@@ -266,9 +269,11 @@ class Trainer:
         self.n_batches = max(1, len(data) // cfg["batch_size"])  # the last partial batch is dropped
         if ckpt and self.progress(ckpt["step"], ckpt.get("elapsed", 0.0)) >= 1:
             raise UserError(f"{settings.resume} has already used its budget ({ckpt['epoch']} epochs, step "
-                            f"{ckpt['step']}); pass a larger --epochs, --train-steps or --minutes to train on")
-        self.judge = (evaluate.Judge(settings.data_dir, settings.ckpt_dir, self.device)
-                      if settings.eval_every and self.world.main else None)
+                            f"{ckpt['step']}); pass a larger --epochs, --train-steps or --minutes to train on",
+                            everywhere=True)
+        with together(self.world, "preparing the --eval-every evaluation"):  # may train its classifier first
+            self.judge = (evaluate.Judge(settings.data_dir, settings.ckpt_dir, self.device)
+                          if settings.eval_every and self.world.main else None)
 
         torch.manual_seed(cfg["seed"])
         self.diffusion = Diffusion(cfg["timesteps"], objective=cfg["objective"], loss=cfg["loss"],
@@ -290,7 +295,10 @@ class Trainer:
             set_rng_state(ckpt["rng"], self.device)
             self.run_dir = os.path.dirname(settings.resume)
         else:
-            self.run_dir = new_run_dir(settings.ckpt_dir) if self.world.main else None
+            self.run_dir = None
+            with together(self.world, "making the run's folder"):
+                if self.world.main:
+                    self.run_dir = new_run_dir(settings.ckpt_dir)
         self.clock = time.time() - elapsed  # the run's clock continues across --resume
         self.saved_clock = self.elapsed()  # the clock in the newest checkpoint
 

@@ -71,9 +71,11 @@ def test_the_point_network_sees_each_coordinate_and_the_timestep():
 
 def test_train_sample_and_eval_the_heart(tmp_path):
     ckpt_dir, out = str(tmp_path / "ckpt"), str(tmp_path / "gen")
-    assert run.main(["--mode", "train", "--train-steps", "30", "--ckpt-dir", ckpt_dir, *HEART]) == 0
+    assert run.main(["--mode", "train", "--train-steps", "30", "--ckpt-dir", ckpt_dir, "--width", "64", "--depth",
+                     "2", *HEART]) == 0
     ckpt = load_checkpoint(latest_checkpoint(ckpt_dir))
     assert ckpt["train_config"]["dataset"] == "heart" and ckpt["model_config"]["arch"] == "points"
+    assert (ckpt["model_config"]["width"], ckpt["model_config"]["depth"]) == (64, 2)
     assert ckpt["model_config"]["num_classes"] == 0 and ckpt["class_prior"] is None
     base = ["--ckpt-dir", ckpt_dir, "--out-dir", out, "--device", "cpu", "--precision", "fp32"]
     assert run.main(["--mode", "sample", "--n-samples", "300", *base]) == 0
@@ -87,6 +89,7 @@ def test_train_sample_and_eval_the_heart(tmp_path):
         result["samples"]["sliced_wasserstein"] / result["real"]["sliced_wasserstein"])
     # the other data set's figures: one line, exit 2
     assert run.main(["--mode", "sample", "--dataset", "mnist", *base]) == 2
+    assert run.main(["--mode", "sample", "--digit", "3", *base]) == 2  # no labels: "the heart has none"
     assert run.main(["--mode", "train", "--resume", "--dataset", "mnist", "--ckpt-dir", ckpt_dir]) == 2
 
 

@@ -467,7 +467,7 @@ class Trainer:
                               + ([f"{self.minutes:g} minutes"] if self.minutes else []))
         ema = f"power EMA {cfg['ema_length']:g}" if cfg["ema_length"] else f"EMA {cfg['ema_decay']:g}"
         w = self.world.size
-        where = f"{w} processes (DDP, {cfg['batch_size'] // w} images each), " if w > 1 else ""
+        where = f"{w} processes (DDP, {cfg['batch_size'] // w} of each batch apiece), " if w > 1 else ""
         print(f"{cfg['arch']} {count_parameters(self.model):,} parameters, {self.shape}; predicts "
               f"{cfg['objective']}, {cfg['loss']} loss, {cfg['weighting']} weighting; T={cfg['timesteps']}; {kind}; "
               f"lr {cfg['lr']:g}, {ema}; {len(self.data):,} {'images' if cfg['dataset'] == 'mnist' else 'points'}, "

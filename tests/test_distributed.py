@@ -87,7 +87,7 @@ def test_two_processes_train_what_one_process_trains(tmp_path, mnist_root):
     assert run.main(train_argv(mnist_root, one, "--train-steps", "6")) == 0
     proc = torchrun(tmp_path, train_argv(mnist_root, two, "--train-steps", "6"))
     assert proc.returncode == 0, proc.output
-    assert "2 processes (DDP, 8 images each)" in proc.output
+    assert "2 processes (DDP, 8 of each batch apiece)" in proc.output
     assert proc.output.count("saved ") == 2 and proc.output.count("done: ") == 1  # rank 0 alone speaks
     single, ddp = (load_checkpoint(latest_checkpoint(d)) for d in (one, two))
     assert_same_run(single, ddp)

@@ -33,6 +33,11 @@ def heart_curve(s):
     return torch.stack([x, y], dim=1) / 17
 
 
+def heart_trace(n):
+    """n points evenly spaced in s along the heart curve, for drawing it and measuring distances to it."""
+    return heart_curve(torch.linspace(0, 2 * math.pi, n, dtype=torch.float64)).float()
+
+
 def heart_points(n, seed=0):
     """n points of the heart, at parameters drawn uniformly with the seed: the training set is seed 0, and
     the evaluation's real sets are other seeds."""

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import sample
 from ckpt import make_folder, save_checkpoint, write_atomic
-from data import heart_curve, heart_points, load_mnist, to_model_range
+from data import heart_points, heart_trace, load_mnist, to_model_range
 from errors import UserError
 
 CLASSIFIER_VERSION = 1  # bump when the classifier or its training changes: cached files then retrain
@@ -253,8 +253,7 @@ def sliced_wasserstein(a, b, directions=512, seed=0):
 
 def curve_distance(points):
     """Mean distance from each point (N, 2) to the heart curve (to a 4,000-point trace of it)."""
-    curve = heart_curve(torch.linspace(0, 2 * math.pi, 4000, dtype=torch.float64))
-    return torch.cdist(points.double(), curve).min(dim=1).values.mean().item()
+    return torch.cdist(points.double(), heart_trace(4000).double()).min(dim=1).values.mean().item()
 
 
 REFERENCES = 10  # real point sets the heart's eval compares against

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import figures
 from ckpt import load_checkpoint, make_folder, save_figure, write_atomic
-from data import heart_curve, heart_points, load_mnist, sample_shape, to_model_range
+from data import heart_points, heart_trace, load_mnist, sample_shape, to_model_range
 from diffusion import Diffusion
 from errors import UserError
 from hardware import autocast, maybe_compile
@@ -333,7 +333,7 @@ def sample_points(sp, s):
         if k in keep:
             reverse.append(x.float().cpu())
     seconds = time.time() - t0
-    curve = heart_curve(torch.linspace(0, 2 * math.pi, 400, dtype=torch.float64)).float()
+    curve = heart_trace(400)
     make_folder(s.out_dir, "--out-dir")
     out = lambda name: os.path.join(s.out_dir, name)  # noqa: E731
     save_figure(figures.point_cloud(reverse[-1], curve, f"{n} points drawn, {sp.plan.describe(sp.sampler)}"),

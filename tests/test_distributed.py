@@ -162,7 +162,28 @@ def test_shares_of_a_batch_are_disjoint_and_cover_it():
     parts = [World(rank=r, size=4).share(16) for r in range(4)]
     assert sum((list(range(16))[p] for p in parts), []) == list(range(16))
     assert World().share(16) == slice(0, 16) and World().largest(0.5, True) == (0.5, True)
-    World().same(7, "resume from checkpoints whose steps")  # one process always agrees with itself
+
+
+class Beside(World):
+    """Rank 0 of two, with the other process's values given: largest() as the all-reduce would return it."""
+
+    def __init__(self, *other):
+        super().__init__(rank=0, size=2)
+        self.other = other
+
+    def largest(self, *values):
+        return tuple(max(a, b) for a, b in zip(values, self.other))
+
+
+def test_the_processes_stop_together_when_one_disagrees_or_fails():
+    Beside(-7.0, 7.0).same(7, "resume from checkpoints whose steps")  # the other resumed step 7 too
+    with pytest.raises(UserError, match=r"differ \(4 against 7\)") as error:
+        Beside(-4.0, 4.0).same(7, "resume from checkpoints whose steps")
+    assert error.value.everywhere
+    Beside(0.0).all_ok(True, "writing")  # the other wrote too
+    with pytest.raises(UserError, match="writing failed in another process"):
+        Beside(1.0).all_ok(True, "writing")
+    Beside(1.0).all_ok(False, "writing")  # the one that failed raises its own error, not this one
 
 
 def test_sample_and_eval_refuse_torchrun(monkeypatch, capsys):

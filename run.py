@@ -260,14 +260,20 @@ def main(argv=None):
             raise UserError(f"unknown --mode {args.mode!r}; choose train, sample or eval")
     except UserError as e:
         if distributed.rank() == 0:
-            print(f"error: {e}", file=sys.stderr)
+            say(f"error: {e}")
         elif not e.everywhere:  # this process's own trouble (its data, its GPU): say which process
-            print(f"error (rank {distributed.rank()}): {e}", file=sys.stderr)
+            say(f"error (rank {distributed.rank()}): {e}")
         return 2
     except KeyboardInterrupt:
         if distributed.rank() == 0:
-            print("interrupted; files written so far are complete", file=sys.stderr)
+            say("interrupted; files written so far are complete")
         return 130
+
+
+def say(line):
+    """One line to stderr in a single write, so the processes of a torchrun run never splice their lines."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":

@@ -141,8 +141,9 @@ def load_checkpoint(path):
                         f"or not from run.py; pick another with --checkpoint") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a checkpoint written by run.py; pick another with --checkpoint")
-    if "diffusion_config" in ckpt:  # a mean network from before the skip outputs the mean whole
-        ckpt["diffusion_config"].setdefault("mean_skip", False)
+    if "diffusion_config" in ckpt:  # a mean network's skip: none before there was one, True/False for a while
+        skip = ckpt["diffusion_config"].get("mean_skip", False)
+        ckpt["diffusion_config"]["mean_skip"] = {True: "xt", False: "none"}.get(skip, skip)
     return ckpt
 
 

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 
 OBJECTIVES = ("eps", "x0", "mean")
+# What a posterior-mean network's output adds to: nothing (it outputs the mean whole), x_t, or c_t x_t, the
+# mean's x_t part (eq. 7), so that it outputs c_0 x_0 alone. See Diffusion.__init__.
+MEAN_SKIPS = ("none", "xt", "ct")
 # Where the training loss is spent over t. Each is a weight on the x0 error, w(t) || x0_hat - x0 ||^2, that
 # the loss applies in the objective's own units (see Diffusion.loss); "uniform" is DDPM's unweighted loss.
 #   uniform: t uniform, the objective's loss unweighted (for eps: w = SNR, Ho et al. 2020 eq. 14)
@@ -37,20 +40,23 @@ MIN_TIMESTEPS = 20  # scaled by 1000/T, the paper's last beta (0.02) exceeds 1 b
 
 class Diffusion:
     def __init__(self, timesteps=1000, beta_start=1e-4, beta_end=0.02, objective="eps", loss="mse",
-                 weighting="uniform", mean_skip=True):
+                 weighting="uniform", mean_skip="ct"):
         if timesteps < 1 or 1000 / timesteps * beta_end > 1 + 1e-9:
             raise ValueError(f"timesteps must be at least {1000 * beta_end:g}: the betas, scaled by 1000/T, "
                              f"would exceed 1")
-        if objective not in OBJECTIVES or loss not in LOSSES or weighting not in WEIGHTINGS:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, loss one of {tuple(LOSSES)} and weighting "
-                             f"one of {WEIGHTINGS}")
+        if (objective not in OBJECTIVES or loss not in LOSSES or weighting not in WEIGHTINGS
+                or mean_skip not in MEAN_SKIPS):
+            raise ValueError(f"objective must be one of {OBJECTIVES}, loss one of {tuple(LOSSES)}, weighting "
+                             f"one of {WEIGHTINGS} and mean_skip one of {MEAN_SKIPS}")
         self.timesteps, self.objective, self.loss_type, self.weighting = timesteps, objective, loss, weighting
         self.beta_start, self.beta_end = beta_start, beta_end
-        # The posterior mean is c_t x_t + c_0 x_0 with c_t near 1 and c_0 down to 1e-4: a network that outputs
-        # it whole must copy x_t to better than one step's noise, or its errors add up over the T ancestral
-        # steps into saturated images (FID 2300 after 7,601 steps, docs/variants.md). With mean_skip it
-        # outputs the mean's step from x_t, mean - x_t (a skip connection, as EDM's c_skip), whose scale is
-        # that of one step. Checkpoints from before it hold mean_skip=False (ckpt.load_checkpoint).
+        # The posterior mean is c_t x_t + c_0 x_0 with c_t near 1 and c_0 down to 1e-4. A network that outputs
+        # it whole ("none") must copy x_t to better than one step's noise, or its errors add up over the T
+        # ancestral steps into saturated images (FID 2300 after 7,601 steps, docs/variants.md). Its step from
+        # x_t ("xt", mean - x_t) still holds the shrink c_t - 1 (-0.010 at t=999 of T=1000): a gain off by
+        # a few thousandths compounds over 1,000 steps, and it saturated too (FID 27,278 after 800 steps).
+        # "ct" (the default, a skip connection as EDM's c_skip) leaves the network c_0 x_0 alone, and the
+        # shrink is exact. Checkpoints record theirs (ckpt.load_checkpoint reads older ones).
         self.mean_skip = mean_skip
         # The paper's betas are for T=1000. Scaling them by 1000/T keeps alpha_bar at T near 0 for
         # smaller T, so sampling starts from (almost) pure noise; capped below 1 for tiny T.
@@ -119,14 +125,15 @@ class Diffusion:
 
     def target(self, x0, xt, t, noise):
         """What the network learns to output for x_t: eps, x_0, or the posterior mean of x_{t-1} (eq. 7), as its
-        step from x_t with mean_skip."""
+        less its skip (mean_skip)."""
         if self.objective == "eps":
             return noise
         elif self.objective == "x0":
             return x0
         elif self.objective == "mean":
             mean = self.q_posterior(x0, xt, t)[0]
-            return mean - xt if self.mean_skip else mean
+            skip = {"none": 0.0, "xt": 1.0, "ct": self._at(self.posterior_coef_xt, t, xt)}[self.mean_skip]
+            return mean - skip * xt
         else:
             raise ValueError(f"unknown objective {self.objective!r}")
 
@@ -172,16 +179,21 @@ class Diffusion:
             x0 = out
         elif self.objective == "mean":
             c0, ct = self._mean_coefs(t)
-            # eq. (7) of DDPM, mean = c0 x_0 + ct x_t, solved for x_0; with the skip, mean - ct x_t is
-            # out + (1 - ct) x_t, summed before dividing by c0 (down to 1e-4) so little is lost to rounding
-            x0 = (out + (1 - ct) * xt if self.mean_skip else out - ct * xt) / c0
+            # eq. (7) of DDPM, mean = c0 x_0 + ct x_t, solved for x_0: mean - ct x_t = out + (skip - ct) x_t,
+            # summed before dividing by c0 (down to 1e-4) so little is lost to rounding
+            skip = self._mean_skip(t)
+            x0 = (out + (skip - ct) * xt) / c0
         else:
             raise ValueError(f"unknown objective {self.objective!r}")
         return x0.clamp(-1, 1)
 
-    def mean(self, out, xt):
-        """The posterior mean of x_{t-1} that a mean network's output says."""
-        return xt + out if self.mean_skip else out
+    def mean(self, out, xt, t):
+        """The posterior mean of x_{t-1} that a mean network's output at integer timestep t says."""
+        return self._mean_skip(t) * xt + out
+
+    def _mean_skip(self, t):
+        """What a mean network's output at integer timestep t adds to, as a multiple of x_t."""
+        return {"none": 0.0, "xt": 1.0, "ct": self._mean_coefs(t)[1]}[self.mean_skip]
 
     def _mean_coefs(self, t):
         """c0, ct of the posterior mean of x_{t-1} (not of x_{t_prev}): eq. (7), mean = c0 x_0 + ct x_t."""
@@ -202,7 +214,7 @@ class Diffusion:
         ab_prev = self._alpha_bar[t_prev] if t_prev >= 0 else 1.0
         if self.objective == "mean" and t_prev == t - 1 and eta == 1 and t_prev >= 0:
             var = self.posterior_var[t].item()
-            mean = self.mean(out, xt)
+            mean = self.mean(out, xt, t)
             x_prev = mean + var ** 0.5 * noise if var > 0 else mean
             return x_prev, self.predict_x0(out, xt, t)
         x0 = self.predict_x0(out, xt, t)

@@ -216,7 +216,6 @@ def test_each_strided_step_is_the_closed_form_ddim_update(t, t_prev, eta):
 
 def test_a_posterior_mean_converts_to_its_x0_by_eq_7():
     """mean = c0 x0 + ct x_t with c0 = beta_t sqrt(ab_{t-1}) / (1 - ab_t), ct = (1 - ab_{t-1}) sqrt(alpha_t) / (1 - ab_t)."""
-    d = Diffusion(1000, objective="mean")
     x0 = torch.rand(2, 1, 28, 28, dtype=torch.float64) * 1.6 - 0.8
     xt = torch.randn(2, 1, 28, 28, dtype=torch.float64)
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
@@ -225,10 +224,11 @@ def test_a_posterior_mean_converts_to_its_x0_by_eq_7():
         c0 = betas[t] * ab[t - 1].sqrt() / (1 - ab[t])
         ct = (1 - ab[t - 1]) * (1 - betas[t]).sqrt() / (1 - ab[t])
         mean = c0 * x0 + ct * xt
-        # The network outputs the mean's step from x_t (mean_skip), or the mean whole (checkpoints from before).
-        torch.testing.assert_close(d.predict_x0(mean - xt, xt, t), x0, atol=1e-6 / c0.item(), rtol=0)
-        whole = Diffusion(1000, objective="mean", mean_skip=False)
-        torch.testing.assert_close(whole.predict_x0(mean, xt, t), x0, atol=1e-6 / c0.item(), rtol=0)
+        # The network outputs mean - ct x_t (the default skip), mean - x_t or the mean whole (older checkpoints).
+        for skip, part in (("ct", ct), ("xt", 1.0), ("none", 0.0)):
+            d = Diffusion(1000, objective="mean", mean_skip=skip)
+            torch.testing.assert_close(d.predict_x0(mean - part * xt, xt, t), x0, atol=1e-6 / c0.item(), rtol=0)
+            torch.testing.assert_close(d.mean(mean - part * xt, xt, t), mean)
 
 
 def test_the_mean_objectives_last_ancestral_step_returns_the_clipped_x0():

@@ -18,10 +18,11 @@ def true_target(d, x0_true):
     return model
 
 
-@pytest.mark.parametrize("objective", ["eps", "x0", "mean"])
+@pytest.mark.parametrize("objective", ["eps", "x0", "mean", "mean/xt", "mean/none"])
 @pytest.mark.parametrize("steps,eta", [(None, 1.0), (10, 0.0), (10, 0.5), (1, 0.0)])
 def test_each_objective_recovers_the_data_from_its_true_target(objective, steps, eta):
-    d = Diffusion(100, objective=objective)
+    objective, _, skip = objective.partition("/")  # mean/xt: a posterior-mean network with that skip
+    d = Diffusion(100, objective=objective, mean_skip=skip or "ct")
     x0 = torch.rand(4, 1, 28, 28) * 2 - 1
     x = d.sample(true_target(d, x0), x0.shape, steps=steps, eta=eta, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(x, x0, atol=1e-3, rtol=0)
@@ -46,21 +47,28 @@ def test_heun_serves_an_x0_network_and_refuses_a_mean_one():
 
 def test_the_mean_objective_takes_its_own_ddpm_step():
     xt, mean, z = torch.randn(3, 3, 1, 28, 28).unbind(0)
-    for d, out in ((Diffusion(50, objective="mean"), mean - xt),  # the network outputs the mean's step from x_t
-                   (Diffusion(50, objective="mean", mean_skip=False), mean)):  # or, before the skip, the mean
-        x_prev, _ = d.step(out, xt, 20, 19, 1.0, z)  # consecutive steps, eta 1: mu_theta + sigma_t z
+    ct = Diffusion(50, objective="mean").posterior_coef_xt[20]
+    # The network outputs mean - ct x_t (the default), mean - x_t, or the mean whole (older checkpoints).
+    for skip, part in (("ct", ct), ("xt", 1.0), ("none", 0.0)):
+        d = Diffusion(50, objective="mean", mean_skip=skip)
+        x_prev, _ = d.step(mean - part * xt, xt, 20, 19, 1.0, z)  # consecutive steps, eta 1: mu_theta + sigma_t z
         torch.testing.assert_close(x_prev, mean + d.posterior_var[20].sqrt() * z)
 
 
-def test_the_mean_network_learns_the_step_from_x_t_and_old_checkpoints_keep_the_whole_mean(tmp_path):
+def test_the_mean_network_learns_c0_x0_and_old_checkpoints_keep_their_skip(tmp_path):
     d = Diffusion(50, objective="mean")
     x0, xt = torch.rand(2, 1, 28, 28) * 2 - 1, torch.randn(2, 1, 28, 28)
     t = torch.tensor([3, 40])
-    torch.testing.assert_close(d.target(x0, xt, t, None), d.q_posterior(x0, xt, t)[0] - xt)
-    assert d.config()["mean_skip"] is True
-    old = {"format": FORMAT, "diffusion_config": {k: v for k, v in d.config().items() if k != "mean_skip"}}
-    torch.save(old, tmp_path / "old.pt")
-    assert Diffusion(**load_checkpoint(str(tmp_path / "old.pt"))["diffusion_config"]).mean_skip is False
+    c0 = d.posterior_coef_x0[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(d.target(x0, xt, t, None), c0 * x0)  # the mean less its x_t part
+    assert d.config()["mean_skip"] == "ct"
+    # Checkpoints from before the skip had none; for a while it was True (x_t) or False (none).
+    for stored, read in ((None, "none"), (False, "none"), (True, "xt"), ("ct", "ct")):
+        cfg = {k: v for k, v in d.config().items() if k != "mean_skip"}
+        if stored is not None:
+            cfg["mean_skip"] = stored
+        torch.save({"format": FORMAT, "diffusion_config": cfg}, tmp_path / "old.pt")
+        assert Diffusion(**load_checkpoint(str(tmp_path / "old.pt"))["diffusion_config"]).mean_skip == read
 
 
 @pytest.mark.parametrize("loss", ["mse", "l1"])

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 OBJECTIVES = ("eps", "x0", "mean")
 # What a posterior-mean network's output adds to: nothing (it outputs the mean whole), x_t, or c_t x_t, the
 # mean's x_t part (eq. 7), so that it outputs c_0 x_0 alone. See Diffusion.__init__.
-MEAN_SKIPS = ("none", "xt", "ct")
+MEAN_SKIPS = ("none", "xt", "ct", "ct-c0")
 # Where the training loss is spent over t. Each is a weight on the x0 error, w(t) || x0_hat - x0 ||^2, that
 # the loss applies in the objective's own units (see Diffusion.loss); "uniform" is DDPM's unweighted loss.
 #   uniform: t uniform, the objective's loss unweighted (for eps: w = SNR, Ho et al. 2020 eq. 14)
@@ -40,7 +40,7 @@ MIN_TIMESTEPS = 20  # scaled by 1000/T, the paper's last beta (0.02) exceeds 1 b
 
 class Diffusion:
     def __init__(self, timesteps=1000, beta_start=1e-4, beta_end=0.02, objective="eps", loss="mse",
-                 weighting="uniform", mean_skip="ct"):
+                 weighting="uniform", mean_skip="ct-c0"):
         if timesteps < 1 or 1000 / timesteps * beta_end > 1 + 1e-9:
             raise ValueError(f"timesteps must be at least {1000 * beta_end:g}: the betas, scaled by 1000/T, "
                              f"would exceed 1")
@@ -131,9 +131,9 @@ class Diffusion:
         elif self.objective == "x0":
             return x0
         elif self.objective == "mean":
-            mean = self.q_posterior(x0, xt, t)[0]
-            skip = {"none": 0.0, "xt": 1.0, "ct": self._at(self.posterior_coef_xt, t, xt)}[self.mean_skip]
-            return mean - skip * xt
+            c0, ct = self._at(self.posterior_coef_x0, t, xt), self._at(self.posterior_coef_xt, t, xt)
+            skip, scale = self._mean_parts(ct, c0)
+            return (c0 * x0 + (ct - skip) * xt) / scale  # (mean - skip x_t) / scale, with no rounding of ct x_t
         else:
             raise ValueError(f"unknown objective {self.objective!r}")
 
@@ -181,19 +181,20 @@ class Diffusion:
             c0, ct = self._mean_coefs(t)
             # eq. (7) of DDPM, mean = c0 x_0 + ct x_t, solved for x_0: mean - ct x_t = out + (skip - ct) x_t,
             # summed before dividing by c0 (down to 1e-4) so little is lost to rounding
-            skip = self._mean_skip(t)
-            x0 = (out + (skip - ct) * xt) / c0
+            skip, scale = self._mean_parts(ct, c0)
+            x0 = (scale * out + (skip - ct) * xt) / c0
         else:
             raise ValueError(f"unknown objective {self.objective!r}")
         return x0.clamp(-1, 1)
 
     def mean(self, out, xt, t):
         """The posterior mean of x_{t-1} that a mean network's output at integer timestep t says."""
-        return self._mean_skip(t) * xt + out
+        skip, scale = self._mean_parts(self._mean_coefs(t)[1], self._mean_coefs(t)[0])
+        return skip * xt + scale * out
 
-    def _mean_skip(self, t):
-        """What a mean network's output at integer timestep t adds to, as a multiple of x_t."""
-        return {"none": 0.0, "xt": 1.0, "ct": self._mean_coefs(t)[1]}[self.mean_skip]
+    def _mean_parts(self, ct, c0):
+        """(skip, scale) of a mean network: mean = skip x_t + scale output, given the mean's coefficients."""
+        return {"none": (0.0, 1.0), "xt": (1.0, 1.0), "ct": (ct, 1.0), "ct-c0": (ct, c0)}[self.mean_skip]
 
     def _mean_coefs(self, t):
         """c0, ct of the posterior mean of x_{t-1} (not of x_{t_prev}): eq. (7), mean = c0 x_0 + ct x_t."""

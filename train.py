@@ -278,7 +278,7 @@ class Trainer:
         torch.manual_seed(cfg["seed"])
         self.diffusion = Diffusion(cfg["timesteps"], objective=cfg["objective"], loss=cfg["loss"],
                                    weighting=cfg["weighting"],
-                                   mean_skip=ckpt["diffusion_config"]["mean_skip"] if ckpt else "ct")
+                                   mean_skip=ckpt["diffusion_config"]["mean_skip"] if ckpt else "ct-c0")
         self.model_config, self.shape = network_config(cfg, NO_LABEL if cfg["conditional"] else 0)
         self.model, self.ema, self.opt = make_trainable(self.model_config, cfg, self.device)
         self.net = maybe_compile(self.world.wrap(self.model), settings.compile)  # what the training step calls

@@ -224,11 +224,11 @@ def test_a_posterior_mean_converts_to_its_x0_by_eq_7():
         c0 = betas[t] * ab[t - 1].sqrt() / (1 - ab[t])
         ct = (1 - ab[t - 1]) * (1 - betas[t]).sqrt() / (1 - ab[t])
         mean = c0 * x0 + ct * xt
-        # The network outputs mean - ct x_t (the default skip), mean - x_t or the mean whole (older checkpoints).
-        for skip, part in (("ct", ct), ("xt", 1.0), ("none", 0.0)):
-            d = Diffusion(1000, objective="mean", mean_skip=skip)
-            torch.testing.assert_close(d.predict_x0(mean - part * xt, xt, t), x0, atol=1e-6 / c0.item(), rtol=0)
-            torch.testing.assert_close(d.mean(mean - part * xt, xt, t), mean)
+        # The network outputs (mean - ct x_t) / c0 (the default), mean - ct x_t, mean - x_t or the mean whole.
+        for skip, part, scale in (("ct-c0", ct, c0), ("ct", ct, 1.0), ("xt", 1.0, 1.0), ("none", 0.0, 1.0)):
+            d, out = Diffusion(1000, objective="mean", mean_skip=skip), (mean - part * xt) / scale
+            torch.testing.assert_close(d.predict_x0(out, xt, t), x0, atol=1e-6 / c0.item(), rtol=0)
+            torch.testing.assert_close(d.mean(out, xt, t), mean)
 
 
 def test_the_mean_objectives_last_ancestral_step_returns_the_clipped_x0():

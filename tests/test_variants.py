@@ -18,11 +18,11 @@ def true_target(d, x0_true):
     return model
 
 
-@pytest.mark.parametrize("objective", ["eps", "x0", "mean", "mean/xt", "mean/none"])
+@pytest.mark.parametrize("objective", ["eps", "x0", "mean", "mean/ct", "mean/xt", "mean/none"])
 @pytest.mark.parametrize("steps,eta", [(None, 1.0), (10, 0.0), (10, 0.5), (1, 0.0)])
 def test_each_objective_recovers_the_data_from_its_true_target(objective, steps, eta):
     objective, _, skip = objective.partition("/")  # mean/xt: a posterior-mean network with that skip
-    d = Diffusion(100, objective=objective, mean_skip=skip or "ct")
+    d = Diffusion(100, objective=objective, mean_skip=skip or "ct-c0")
     x0 = torch.rand(4, 1, 28, 28) * 2 - 1
     x = d.sample(true_target(d, x0), x0.shape, steps=steps, eta=eta, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(x, x0, atol=1e-3, rtol=0)
@@ -47,21 +47,23 @@ def test_heun_serves_an_x0_network_and_refuses_a_mean_one():
 
 def test_the_mean_objective_takes_its_own_ddpm_step():
     xt, mean, z = torch.randn(3, 3, 1, 28, 28).unbind(0)
-    ct = Diffusion(50, objective="mean").posterior_coef_xt[20]
-    # The network outputs mean - ct x_t (the default), mean - x_t, or the mean whole (older checkpoints).
-    for skip, part in (("ct", ct), ("xt", 1.0), ("none", 0.0)):
+    c0, ct = Diffusion(50, objective="mean").posterior_coef_x0[20], Diffusion(50).posterior_coef_xt[20]
+    # The network outputs (mean - ct x_t) / c0 (the default), mean - ct x_t, mean - x_t, or the mean whole
+    # (older checkpoints).
+    for skip, part, scale in (("ct-c0", ct, c0), ("ct", ct, 1.0), ("xt", 1.0, 1.0), ("none", 0.0, 1.0)):
         d = Diffusion(50, objective="mean", mean_skip=skip)
-        x_prev, _ = d.step(mean - part * xt, xt, 20, 19, 1.0, z)  # consecutive steps, eta 1: mu_theta + sigma_t z
+        x_prev, _ = d.step((mean - part * xt) / scale, xt, 20, 19, 1.0, z)  # consecutive steps, eta 1: mu_theta + sigma_t z
         torch.testing.assert_close(x_prev, mean + d.posterior_var[20].sqrt() * z)
 
 
-def test_the_mean_network_learns_c0_x0_and_old_checkpoints_keep_their_skip(tmp_path):
+def test_the_mean_network_learns_the_means_x0_part_and_old_checkpoints_keep_their_skip(tmp_path):
     d = Diffusion(50, objective="mean")
     x0, xt = torch.rand(2, 1, 28, 28) * 2 - 1, torch.randn(2, 1, 28, 28)
     t = torch.tensor([3, 40])
     c0 = d.posterior_coef_x0[t].view(-1, 1, 1, 1)
-    torch.testing.assert_close(d.target(x0, xt, t, None), c0 * x0)  # the mean less its x_t part
-    assert d.config()["mean_skip"] == "ct"
+    assert d.config()["mean_skip"] == "ct-c0"
+    torch.testing.assert_close(d.target(x0, xt, t, None), x0)  # the mean less its x_t part, over c0
+    torch.testing.assert_close(Diffusion(50, objective="mean", mean_skip="ct").target(x0, xt, t, None), c0 * x0)
     # Checkpoints from before the skip had none; for a while it was True (x_t) or False (none).
     for stored, read in ((None, "none"), (False, "none"), (True, "xt"), ("ct", "ct")):
         cfg = {k: v for k, v in d.config().items() if k != "mean_skip"}

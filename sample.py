@@ -198,17 +198,17 @@ def load_sampler(s):
         raise UserError(f"{s.checkpoint} was trained on {dataset}, so it cannot draw --dataset {s.dataset}; drop "
                         f"--dataset or pick a checkpoint trained with --dataset {s.dataset}")
     diffusion = Diffusion(**ckpt["diffusion_config"])
-    mean = diffusion.objective == "mean"
+    whole_only = diffusion.whole_steps_only
     # The heart is a thin curve: solvers that skip steps cut across it (tests/test_heart.py), and all T steps of
     # a network this small take seconds.
-    sampler = s.sampler or ("ddpm" if mean or dataset == "heart" else DEFAULT_SAMPLER)
+    sampler = s.sampler or ("ddpm" if diffusion.objective == "mean" or dataset == "heart" else DEFAULT_SAMPLER)
     try:
         plan = sampler_plan(sampler, s.steps, s.eta, s.churn, diffusion.timesteps)
     except UserError:
-        if not mean:
+        if not whole_only:
             raise
         plan = None  # a mean network's own message below says what it can take
-    if mean and not (plan and plan.solver == "ddim" and plan.steps == diffusion.timesteps and plan.eta == 1):
+    if whole_only and not (plan and plan.solver == "ddim" and plan.steps == diffusion.timesteps and plan.eta == 1):
         # x_0 = (mean - c_t x_t) / c_0, and c_0 falls to about 1e-4 at t = T-1 (diffusion._mean_coefs).
         raise UserError(f"{s.checkpoint} predicts the posterior mean of x_(t-1), which gives x_0 only divided by a "
                         f"coefficient as small as 1e-4, so a sampler that skips steps blows its error up into "

@@ -38,11 +38,15 @@ def test_the_multistep_solvers_serve_every_objective(objective, solver):
     torch.testing.assert_close(x, x0, atol=1e-3, rtol=0)
 
 
-def test_heun_serves_an_x0_network_and_refuses_a_mean_one():
+def test_heun_serves_an_x0_network_and_refuses_a_mean_one_that_divides_by_c0():
     d, x0 = Diffusion(100, objective="x0"), torch.rand(4, 1, 28, 28) * 2 - 1
     torch.testing.assert_close(d.sample(lambda x, t: x0, x0.shape, steps=5, solver="heun"), x0)
-    with pytest.raises(ValueError, match="heun solver needs an eps or x0 network"):
-        Diffusion(100, objective="mean").solver("heun", steps=5)
+    for skip in ("ct", "xt", "none"):
+        with pytest.raises(ValueError, match="heun solver needs an eps or x0 network"):
+            Diffusion(100, objective="mean", mean_skip=skip).solver("heun", steps=5)
+    # A mean network whose output is at x_0's scale (the default) gives x_0 as it is, at any timestep.
+    d = Diffusion(100, objective="mean")
+    torch.testing.assert_close(d.sample(lambda x, t: x0, x0.shape, steps=5, solver="heun"), x0)
 
 
 def test_the_mean_objective_takes_its_own_ddpm_step():
@@ -130,7 +134,17 @@ def test_a_checkpoint_records_and_restores_objective_loss_and_network(tmp_path, 
     assert applied == {objective}  # the sampler turned the network's output into x0 as the checkpoint says
     if objective == "mean":
         assert "ddpm with 20 steps" in capsys.readouterr().out
-        for few in (["--sampler", "dpm2m-sde"], ["--sampler", "ddim", "--steps", "5"], ["--steps", "5"]):
+        few_steps = (["--sampler", "dpm2m-sde"], ["--sampler", "ddim", "--steps", "5"], ["--steps", "5"])
+        for few in few_steps[:2]:  # its output is x_0's scale, so x_0 needs no division and any sampler serves it
+            assert run.main(sample + few) == 0, capsys.readouterr().err
+        # A mean network from before (its output c_0 x_0, x_t's step or the whole mean) gives x_0 only divided
+        # by c_0: samplers that skip steps are refused.
+        path = latest_checkpoint(ckpt_dir)
+        old = torch.load(path, weights_only=True)
+        old["diffusion_config"]["mean_skip"] = True
+        torch.save(old, path)
+        capsys.readouterr()
+        for few in few_steps:
             assert run.main(sample + few) == 2
             err = capsys.readouterr().err.strip()
             assert len(err.splitlines()) == 1 and "predicts the posterior mean" in err and "--sampler ddpm" in err

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 OBJECTIVES = ("eps", "x0", "mean")
-# What a posterior-mean network's output adds to: nothing (it outputs the mean whole), x_t, or c_t x_t, the
-# mean's x_t part (eq. 7), so that it outputs c_0 x_0 alone. See Diffusion.__init__.
+# How a posterior-mean network's output makes the mean (eq. 7, mean = c_t x_t + c_0 x_0): it is the mean
+# whole ("none"), the mean less x_t ("xt"), less c_t x_t ("ct"), or that over c_0 ("ct-c0": mean = c_t x_t +
+# c_0 output, EDM's c_skip and c_out). See Diffusion.__init__.
 MEAN_SKIPS = ("none", "xt", "ct", "ct-c0")
 # Where the training loss is spent over t. Each is a weight on the x0 error, w(t) || x0_hat - x0 ||^2, that
 # the loss applies in the objective's own units (see Diffusion.loss); "uniform" is DDPM's unweighted loss.
@@ -55,8 +56,11 @@ class Diffusion:
         # ancestral steps into saturated images (FID 2300 after 7,601 steps, docs/variants.md). Its step from
         # x_t ("xt", mean - x_t) still holds the shrink c_t - 1 (-0.010 at t=999 of T=1000): a gain off by
         # a few thousandths compounds over 1,000 steps, and it saturated too (FID 27,278 after 800 steps).
-        # "ct" (the default, a skip connection as EDM's c_skip) leaves the network c_0 x_0 alone, and the
-        # shrink is exact. Checkpoints record theirs (ckpt.load_checkpoint reads older ones).
+        # "ct" (a skip connection, EDM's c_skip) makes the shrink exact and leaves the network c_0 x_0, whose
+        # scale runs from 1e-4 to 1 over t: grey blobs after 800 steps (FID 1,982). "ct-c0" (the default) also
+        # scales the output by c_0 (EDM's c_out), so the network's target has x_0's scale at every t; the
+        # loss is still the bound's on the mean, and the sampler still DDPM's own step with the mean.
+        # Checkpoints record theirs (ckpt.load_checkpoint reads older ones).
         self.mean_skip = mean_skip
         # The paper's betas are for T=1000. Scaling them by 1000/T keeps alpha_bar at T near 0 for
         # smaller T, so sampling starts from (almost) pure noise; capped below 1 for tiny T.

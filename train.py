@@ -473,6 +473,7 @@ class Trainer:
               f"lr {cfg['lr']:g}, {ema}; {len(self.data):,} {'images' if cfg['dataset'] == 'mnist' else 'points'}, "
               f"{self.n_batches} batches of {cfg['batch_size']}; budget {budget}; {where}device {self.device.type}, "
               f"{'bf16' if self.amp else 'fp32'}; run {self.run_dir}")
-        if cfg["objective"] == "mean" and cfg["timesteps"] >= 1000:
-            print("note: the posterior-mean network has not yet drawn digits at T >= 1000 in any budget measured "
-                  "(it saturates: docs/variants.md); --objective eps and x0 do")
+        if self.diffusion.whole_steps_only and cfg["timesteps"] >= 1000:  # resuming a mean run from before
+            print("note: this posterior-mean network's output is not at x_0's scale (a run from before it was); "
+                  "such networks have not drawn digits at T >= 1000 (docs/variants.md); a new --objective mean "
+                  "run's does")

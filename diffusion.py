@@ -89,10 +89,11 @@ class Diffusion:
     def _weighting(self, alpha_bar, log_sigma, coef_x0, betas):
         """The per-t loss weight in the objective's units and the distribution t is drawn from (None:
         uniform). An objective's squared error is a multiple of the x0 error: SNR times it for eps, once for
-        x0, c0^2 times for the posterior mean (c0 its x0 coefficient), so w(t) on the x0 error is
-        w(t) / that multiple on the objective's loss."""
+        x0, (c0 / scale)^2 times for the posterior mean (c0 its x0 coefficient, scale its output's: c0 for
+        mean_skip ct-c0, else 1), so w(t) on the x0 error is w(t) / that multiple on the objective's loss."""
         snr = alpha_bar / (1 - alpha_bar)
-        per_x0 = {"eps": snr, "x0": torch.ones_like(snr), "mean": coef_x0 ** 2}[self.objective]
+        mean_scale = coef_x0 if self.mean_skip == "ct-c0" else torch.ones_like(snr)
+        per_x0 = {"eps": snr, "x0": torch.ones_like(snr), "mean": (coef_x0 / mean_scale) ** 2}[self.objective]
         if self.weighting == "min-snr":
             return (snr.clamp(max=MIN_SNR_GAMMA) / per_x0).float(), None
         if self.weighting == "p2":
@@ -320,8 +321,8 @@ class Heun:
 
     def __init__(self, diffusion, churn, steps):
         if diffusion.whole_steps_only:
-            raise ValueError("the heun solver needs an eps or x0 network: the posterior mean is only defined "
-                             "at whole timesteps")
+            raise ValueError("the heun solver needs an eps or x0 network, or a posterior-mean one whose output is "
+                             "at x_0's scale: this one's mean is only defined at whole timesteps")
         self.d, self.gamma = diffusion, min(churn / steps, 2 ** 0.5 - 1)
 
     def sigma(self, t):

@@ -148,3 +148,8 @@ def test_a_checkpoint_records_and_restores_objective_loss_and_network(tmp_path, 
             assert run.main(sample + few) == 2
             err = capsys.readouterr().err.strip()
             assert len(err.splitlines()) == 1 and "predicts the posterior mean" in err and "--sampler ddpm" in err
+        # Resumed, it keeps its own way of making the mean, and still samples with DDPM.
+        assert run.main(["--mode", "train", "--resume", "--epochs", "3", "--data-dir", mnist_root,
+                         "--ckpt-dir", ckpt_dir, "--device", "cpu", "--precision", "fp32"]) == 0
+        assert load_checkpoint(latest_checkpoint(ckpt_dir))["diffusion_config"]["mean_skip"] == "xt"
+        assert run.main(sample) == 0

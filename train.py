@@ -473,7 +473,8 @@ class Trainer:
               f"lr {cfg['lr']:g}, {ema}; {len(self.data):,} {'images' if cfg['dataset'] == 'mnist' else 'points'}, "
               f"{self.n_batches} batches of {cfg['batch_size']}; budget {budget}; {where}device {self.device.type}, "
               f"{'bf16' if self.amp else 'fp32'}; run {self.run_dir}")
-        if self.diffusion.whole_steps_only and cfg["timesteps"] >= 1000:  # resuming a mean run from before
-            print("note: this posterior-mean network's output is not at x_0's scale (a run from before it was); "
-                  "such networks have not drawn digits at T >= 1000 (docs/variants.md); a new --objective mean "
-                  "run's does")
+        if cfg["objective"] == "mean" and cfg["timesteps"] >= 1000 and (self.diffusion.whole_steps_only
+                                                                       or cfg["weighting"] == "vlb"):
+            print("note: posterior-mean networks under the bound's weighting (vlb), or from before their output "
+                  "was x_0's scale, have not drawn digits at T >= 1000 in the budgets measured (docs/variants.md);"
+                  " --objective eps and x0 do")

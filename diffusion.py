@@ -200,7 +200,8 @@ class Diffusion:
 
     def mean(self, out, xt, t):
         """The posterior mean of x_{t-1} that a mean network's output at integer timestep t says."""
-        skip, scale = self._mean_parts(self._mean_coefs(t)[1], self._mean_coefs(t)[0])
+        c0, ct = self._mean_coefs(t)
+        skip, scale = self._mean_parts(ct, c0)
         return skip * xt + scale * out
 
     def _mean_parts(self, ct, c0):

@@ -306,3 +306,20 @@ def test_the_weighted_loss_is_the_weighted_mean_of_each_images_loss():
     noise = torch.randn_like(x0)
     expected = (d.t_weight[t] * noise.pow(2).mean(dim=(1, 2, 3))).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_a_mean_network_scaled_by_c0_is_an_x0_network_with_the_bounds_weighting():
+    """mu_theta = c_t x_t + c_0 o makes o's target x_0 at every t, so the objective differs from x0 prediction
+    only in its weighting: under p2 the two train alike (same loss on the same draws) and sample alike."""
+    mean, x0 = (Diffusion(1000, objective=o, weighting="p2") for o in ("mean", "x0"))
+    assert mean.mean_skip == "ct-c0"
+    images = torch.rand(8, 1, 28, 28) * 2 - 1
+    network = lambda x, t: 0.5 * x + t.view(-1, 1, 1, 1) / 2000
+    losses = []
+    for d in (mean, x0):
+        torch.manual_seed(7)
+        losses.append(d.loss(network, images).item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    out, xt = torch.rand(2, 4, 1, 28, 28).unbind(0)
+    for t in (0, 300, 999):
+        assert torch.allclose(mean.predict_x0(out, xt, t), x0.predict_x0(out, xt, t), atol=1e-5)

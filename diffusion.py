@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 
 OBJECTIVES = ("eps", "x0", "mean")
-# How a posterior-mean network's output makes the mean (eq. 7, mean = c_t x_t + c_0 x_0): it is the mean
-# whole ("none"), the mean less x_t ("xt"), less c_t x_t ("ct"), or that over c_0 ("ct-c0": mean = c_t x_t +
-# c_0 output, EDM's c_skip and c_out). See Diffusion.__init__.
-MEAN_SKIPS = ("none", "xt", "ct", "ct-c0")
+# How a posterior-mean network's output makes the mean (eq. 7, mean = c_t x_t + c_0 x_0), mean = skip x_t +
+# scale output: the mean whole ("none"), the mean less x_t ("xt"), less c_t x_t ("ct"), that over c_0 ("ct-c0":
+# EDM's c_skip and c_out, the output at x_0's scale), or DDPM's own eq. 11 ("eps": mean = (x_t - beta_t /
+# sqrt(1 - alpha_bar_t) output) / sqrt(alpha_t), the output at the noise's scale). See Diffusion.__init__.
+MEAN_SKIPS = ("none", "xt", "ct", "ct-c0", "eps")
 # Where the training loss is spent over t. Each is a weight on the x0 error, w(t) || x0_hat - x0 ||^2, that
 # the loss applies in the objective's own units (see Diffusion.loss); "uniform" is DDPM's unweighted loss.
 #   uniform: t uniform, the objective's loss unweighted (for eps: w = SNR, Ho et al. 2020 eq. 14)
@@ -27,9 +28,10 @@ MEAN_SKIPS = ("none", "xt", "ct", "ct-c0")
 #   p2: t uniform, w = SNR / (1 + SNR) (Choi et al. 2022, "Perception prioritized training", k=1, gamma=1)
 #   lognormal: t drawn so that EDM's ln sigma ~ N(-1.2, 1.2) (Karras et al. 2022), the objective's loss
 #              unweighted: few draws near pure noise, where uniform t spends about 40% of them
-#   vlb: t uniform, the variational bound's own weight, || mu - mu_theta ||^2 / (2 beta_t) on the posterior
-#        mean (DDPM eq. 8 with sigma_t^2 = beta_t), i.e. w = c0^2 / (2 beta_t) on the x0 error; scaled to
-#        average 1 over t. The default of the posterior-mean objective, which fails unweighted (DDPM Table 2)
+#   vlb: the variational bound's own weight, || mu - mu_theta ||^2 / (2 beta_t) on the posterior mean (DDPM
+#        eq. 8 with sigma_t^2 = beta_t), i.e. w = c0^2 / (2 beta_t) on the x0 error, by importance: t drawn
+#        in proportion to w in the objective's units, the loss unweighted. The default of the posterior-mean
+#        objective, which fails unweighted (DDPM Table 2)
 WEIGHTINGS = ("uniform", "min-snr", "p2", "lognormal", "vlb")
 MIN_SNR_GAMMA = 5.0
 LOGNORMAL_MEAN, LOGNORMAL_STD = -1.2, 1.2
@@ -41,7 +43,7 @@ MIN_TIMESTEPS = 20  # scaled by 1000/T, the paper's last beta (0.02) exceeds 1 b
 
 class Diffusion:
     def __init__(self, timesteps=1000, beta_start=1e-4, beta_end=0.02, objective="eps", loss="mse",
-                 weighting="uniform", mean_skip="ct-c0"):
+                 weighting="uniform", mean_skip="eps"):
         if timesteps < 1 or 1000 / timesteps * beta_end > 1 + 1e-9:
             raise ValueError(f"timesteps must be at least {1000 * beta_end:g}: the betas, scaled by 1000/T, "
                              f"would exceed 1")
@@ -57,9 +59,12 @@ class Diffusion:
         # x_t ("xt", mean - x_t) still holds the shrink c_t - 1 (-0.010 at t=999 of T=1000): a gain off by
         # a few thousandths compounds over 1,000 steps, and it saturated too (FID 27,278 after 800 steps).
         # "ct" (a skip connection, EDM's c_skip) makes the shrink exact and leaves the network c_0 x_0, whose
-        # scale runs from 1e-4 to 1 over t: grey blobs after 800 steps (FID 1,982). "ct-c0" (the default) also
-        # scales the output by c_0 (EDM's c_out), so the network's target has x_0's scale at every t; the
-        # loss is still the bound's on the mean, and the sampler still DDPM's own step with the mean.
+        # scale runs from 1e-4 to 1 over t: grey blobs after 800 steps (FID 1,982). "ct-c0" also scales the
+        # output by c_0 (EDM's c_out), so the output is x_0 at every t; but the bound's weight on it then
+        # spans 10 orders of magnitude (636 at t=0, 6e-5 at t=500) and the middle timesteps go untrained
+        # (FID 1,335 after 800 steps). "eps" (the default) is DDPM's own eq. 11: the output is the noise, on
+        # which the bound's weight spans 100x, 50 at t=0 to 0.5 at t=500. Those two take every sampler;
+        # the loss is always the bound's on the mean, and DDPM's step with the mean its own sampler.
         # Checkpoints record theirs (ckpt.load_checkpoint reads older ones).
         self.mean_skip = mean_skip
         # The paper's betas are for T=1000. Scaling them by 1000/T keeps alpha_bar at T near 0 for
@@ -83,24 +88,35 @@ class Diffusion:
         coef_x0 = betas * alpha_bar_prev.sqrt() / (1 - alpha_bar)
         self.posterior_var = (betas * (1 - alpha_bar_prev) / (1 - alpha_bar)).float()
         self.posterior_coef_x0 = coef_x0.float()
-        self.posterior_coef_xt = ((1 - alpha_bar_prev) * (1 - betas).sqrt() / (1 - alpha_bar)).float()
-        self.t_weight, self.t_probs = self._weighting(alpha_bar, log_sigma, coef_x0, betas)
+        coef_xt = (1 - alpha_bar_prev) * (1 - betas).sqrt() / (1 - alpha_bar)
+        self.posterior_coef_xt = coef_xt.float()
+        # A mean network's mean = skip x_t + scale output (mean_skip), each coefficient and skip - c_t taken in
+        # float64: Python floats for the sampler's steps, float32 tensors for the loss.
+        skip, out_scale = {"none": (0 * betas, 1 + 0 * betas), "xt": (1 + 0 * betas, 1 + 0 * betas),
+                       "ct": (coef_xt, 1 + 0 * betas), "ct-c0": (coef_xt, coef_x0),
+                       "eps": ((1 - betas) ** -0.5, -betas / ((1 - betas) * (1 - alpha_bar)).sqrt())}[mean_skip]
+        self._mean_parts = list(zip(coef_x0.tolist(), coef_xt.tolist(), (skip - coef_xt).tolist(),
+                                    out_scale.tolist()))
+        self.mean_scale, self.mean_ct_less_skip = out_scale.float(), (coef_xt - skip).float()
+        self.t_weight, self.t_probs = self._weighting(alpha_bar, log_sigma, coef_x0, out_scale, betas)
 
-    def _weighting(self, alpha_bar, log_sigma, coef_x0, betas):
+    def _weighting(self, alpha_bar, log_sigma, coef_x0, out_scale, betas):
         """The per-t loss weight in the objective's units and the distribution t is drawn from (None:
         uniform). An objective's squared error is a multiple of the x0 error: SNR times it for eps, once for
-        x0, (c0 / scale)^2 times for the posterior mean (c0 its x0 coefficient, scale its output's: c0 for
-        mean_skip ct-c0, else 1), so w(t) on the x0 error is w(t) / that multiple on the objective's loss."""
+        x0, (c0 / scale)^2 times for the posterior mean (c0 its x0 coefficient, scale its output's in the
+        mean, out_scale), so w(t) on the x0 error is w(t) / that multiple on the objective's loss."""
         snr = alpha_bar / (1 - alpha_bar)
-        mean_scale = coef_x0 if self.mean_skip == "ct-c0" else torch.ones_like(snr)
-        per_x0 = {"eps": snr, "x0": torch.ones_like(snr), "mean": (coef_x0 / mean_scale) ** 2}[self.objective]
+        per_x0 = {"eps": snr, "x0": torch.ones_like(snr), "mean": (coef_x0 / out_scale) ** 2}[self.objective]
         if self.weighting == "min-snr":
             return (snr.clamp(max=MIN_SNR_GAMMA) / per_x0).float(), None
         if self.weighting == "p2":
             return (snr / (1 + snr) / per_x0).float(), None
         if self.weighting == "vlb":
+            # Drawn by importance (Nichol & Dhariwal 2021, section 3.3): t ~ w(t), each draw unweighted, is the
+            # same loss in expectation as w(t) on uniform t, without the weights' spread in each batch (for eps,
+            # 50 at t = 0 against 0.5 at t = 500), whose rare large terms drive Adam's step size.
             w = coef_x0 ** 2 / (2 * betas) / per_x0
-            return (w / w.mean()).float(), None
+            return None, (w / w.sum()).float()
         if self.weighting == "lognormal":
             # The probability of N(mean, std) between the midpoints of neighbouring ln sigma_t.
             edges = torch.cat([torch.tensor([-math.inf], dtype=torch.float64), (log_sigma[1:] + log_sigma[:-1]) / 2,
@@ -136,9 +152,9 @@ class Diffusion:
         elif self.objective == "x0":
             return x0
         elif self.objective == "mean":
-            c0, ct = self._at(self.posterior_coef_x0, t, xt), self._at(self.posterior_coef_xt, t, xt)
-            skip, scale = self._mean_parts(ct, c0)
-            return (c0 * x0 + (ct - skip) * xt) / scale  # (mean - skip x_t) / scale, with no rounding of ct x_t
+            c0, scale = self._at(self.posterior_coef_x0, t, xt), self._at(self.mean_scale, t, xt)
+            # (mean - skip x_t) / scale, with c_t - skip taken before it multiplies x_t
+            return (c0 * x0 + self._at(self.mean_ct_less_skip, t, xt) * xt) / scale
         else:
             raise ValueError(f"unknown objective {self.objective!r}")
 
@@ -183,36 +199,36 @@ class Diffusion:
         elif self.objective == "x0":
             x0 = out
         elif self.objective == "mean":
-            c0, ct = self._mean_coefs(t)
-            # eq. (7) of DDPM, mean = c0 x_0 + ct x_t, solved for x_0: mean - ct x_t = out + (skip - ct) x_t,
-            # summed before dividing by c0 (down to 1e-4) so little is lost to rounding
-            skip, scale = self._mean_parts(ct, c0)
-            x0 = (scale * out + (skip - ct) * xt) / c0
+            # eq. (7) of DDPM, mean = c0 x_0 + ct x_t, solved for x_0: mean - ct x_t = scale out + (skip - ct)
+            # x_t, summed before dividing by c0 (down to 1e-4) so little is lost to rounding
+            c0, _, skip_less_ct, scale = self._mean_parts[t]
+            x0 = (scale * out + skip_less_ct * xt) / c0
         else:
             raise ValueError(f"unknown objective {self.objective!r}")
         return x0.clamp(-1, 1)
 
     @property
+    def output_like(self):
+        """"eps" or "x0": what the network's output is, at any timestep, including a posterior-mean network's
+        (its eq. 11 noise, or its x_0 scaled by c_0); None for a mean network that holds x_0 only times c_0."""
+        if self.objective == "mean":
+            return {"eps": "eps", "ct-c0": "x0"}.get(self.mean_skip)
+        return self.objective
+
+    @property
     def whole_steps_only(self):
         """Whether only DDPM's own step over every timestep serves this network: a posterior-mean network that
         gives x_0 only as its output divided by c_0, down to 1e-4 (any error blown up 10,000 times)."""
-        return self.objective == "mean" and self.mean_skip != "ct-c0"
+        return self.output_like is None
 
     def mean(self, out, xt, t):
         """The posterior mean of x_{t-1} that a mean network's output at integer timestep t says."""
-        c0, ct = self._mean_coefs(t)
-        skip, scale = self._mean_parts(ct, c0)
-        return skip * xt + scale * out
+        _, ct, skip_less_ct, scale = self._mean_parts[t]
+        return (ct + skip_less_ct) * xt + scale * out
 
-    def _mean_parts(self, ct, c0):
-        """(skip, scale) of a mean network: mean = skip x_t + scale output, given the mean's coefficients."""
-        return {"none": (0.0, 1.0), "xt": (1.0, 1.0), "ct": (ct, 1.0), "ct-c0": (ct, c0)}[self.mean_skip]
-
-    def _mean_coefs(self, t):
+    def mean_coefs(self, t):
         """c0, ct of the posterior mean of x_{t-1} (not of x_{t_prev}): eq. (7), mean = c0 x_0 + ct x_t."""
-        ab, ab_before = self._alpha_bar[t], self._alpha_bar[t - 1] if t > 0 else 1.0
-        beta = 1 - ab / ab_before
-        return beta * ab_before ** 0.5 / (1 - ab), (1 - ab_before) * (1 - beta) ** 0.5 / (1 - ab)
+        return self._mean_parts[t][:2]
 
     def step(self, out, xt, t, t_prev, eta, noise):
         """One step x_t -> x_{t_prev} from the network's output; also returns the predicted x_0, clipped.
@@ -323,7 +339,7 @@ class Heun:
     def __init__(self, diffusion, churn, steps):
         if diffusion.whole_steps_only:
             raise ValueError("the heun solver needs an eps or x0 network, or a posterior-mean one whose output is "
-                             "at x_0's scale: this one's mean is only defined at whole timesteps")
+                             "the noise or at x_0's scale: this one's mean is only defined at whole timesteps")
         self.d, self.gamma = diffusion, min(churn / steps, 2 ** 0.5 - 1)
 
     def sigma(self, t):
@@ -336,7 +352,7 @@ class Heun:
         ab = 1 / (1 + sigma ** 2)
         xt = x_edm * ab ** 0.5  # back to the network's x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps
         out = model(xt, _full(xt, t, torch.float32)).float()
-        if self.d.objective == "eps":
+        if self.d.output_like == "eps":
             return ((xt - (1 - ab) ** 0.5 * out) / ab ** 0.5).clamp(-1, 1)
         return out.clamp(-1, 1)
 

@@ -278,7 +278,7 @@ class Trainer:
         torch.manual_seed(cfg["seed"])
         self.diffusion = Diffusion(cfg["timesteps"], objective=cfg["objective"], loss=cfg["loss"],
                                    weighting=cfg["weighting"],
-                                   mean_skip=ckpt["diffusion_config"]["mean_skip"] if ckpt else "ct-c0")
+                                   **({"mean_skip": ckpt["diffusion_config"]["mean_skip"]} if ckpt else {}))
         self.model_config, self.shape = network_config(cfg, NO_LABEL if cfg["conditional"] else 0)
         self.model, self.ema, self.opt = make_trainable(self.model_config, cfg, self.device)
         self.net = maybe_compile(self.world.wrap(self.model), settings.compile)  # what the training step calls
@@ -476,5 +476,5 @@ class Trainer:
         if cfg["objective"] == "mean" and cfg["timesteps"] >= 1000 and (self.diffusion.whole_steps_only
                                                                        or cfg["weighting"] == "vlb"):
             print("note: posterior-mean networks under the bound's weighting (vlb), or from before their output "
-                  "was x_0's scale, have not drawn digits at T >= 1000 in the budgets measured (docs/variants.md);"
-                  " --objective eps and x0 do")
+                  "was the noise or x_0's scale, drew no digits after 800 steps at T >= 1000, where --objective "
+                  "eps and x0 begin to (docs/variants.md)")

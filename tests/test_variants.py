@@ -7,6 +7,7 @@ from ckpt import FORMAT, latest_checkpoint, load_checkpoint
 from conftest import TINY
 from diffusion import Diffusion
 from model import MLP, MLPConfig, build_network, count_parameters
+from test_diffusion import exact_eps  # the exact eps at continuous timesteps, as Heun asks
 
 
 def true_target(d, x0_true):
@@ -18,20 +19,21 @@ def true_target(d, x0_true):
     return model
 
 
-@pytest.mark.parametrize("objective", ["eps", "x0", "mean", "mean/ct", "mean/xt", "mean/none"])
+@pytest.mark.parametrize("objective", ["eps", "x0", "mean", "mean/ct-c0", "mean/ct", "mean/xt", "mean/none"])
 @pytest.mark.parametrize("steps,eta", [(None, 1.0), (10, 0.0), (10, 0.5), (1, 0.0)])
 def test_each_objective_recovers_the_data_from_its_true_target(objective, steps, eta):
     objective, _, skip = objective.partition("/")  # mean/xt: a posterior-mean network with that skip
-    d = Diffusion(100, objective=objective, mean_skip=skip or "ct-c0")
+    d = Diffusion(100, objective=objective, **({"mean_skip": skip} if skip else {}))
     x0 = torch.rand(4, 1, 28, 28) * 2 - 1
     x = d.sample(true_target(d, x0), x0.shape, steps=steps, eta=eta, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(x, x0, atol=1e-3, rtol=0)
 
 
-@pytest.mark.parametrize("objective", ["eps", "x0", "mean"])
+@pytest.mark.parametrize("objective", ["eps", "x0", "mean", "mean/ct-c0"])
 @pytest.mark.parametrize("solver", ["dpm2m", "dpm2m-sde"])
 def test_the_multistep_solvers_serve_every_objective(objective, solver):
-    d = Diffusion(100, objective=objective)
+    objective, _, skip = objective.partition("/")
+    d = Diffusion(100, objective=objective, **({"mean_skip": skip} if skip else {}))
     x0 = torch.rand(4, 1, 28, 28) * 2 - 1
     x = d.sample(true_target(d, x0), x0.shape, steps=10, solver=solver, spacing="trailing",
                  generator=torch.Generator().manual_seed(1))
@@ -44,17 +46,24 @@ def test_heun_serves_an_x0_network_and_refuses_a_mean_one_that_divides_by_c0():
     for skip in ("ct", "xt", "none"):
         with pytest.raises(ValueError, match="heun solver needs an eps or x0 network"):
             Diffusion(100, objective="mean", mean_skip=skip).solver("heun", steps=5)
-    # A mean network whose output is at x_0's scale (the default) gives x_0 as it is, at any timestep.
-    d = Diffusion(100, objective="mean")
+    # A mean network whose output is at x_0's scale gives x_0 as it is, at any timestep; one at the noise's
+    # (the default) gives it as an eps network does.
+    d = Diffusion(100, objective="mean", mean_skip="ct-c0")
     torch.testing.assert_close(d.sample(lambda x, t: x0, x0.shape, steps=5, solver="heun"), x0)
+    d = Diffusion(100, objective="mean")
+    torch.testing.assert_close(d.sample(exact_eps(d, x0), x0.shape, steps=5, solver="heun"), x0, atol=1e-3, rtol=0)
 
 
 def test_the_mean_objective_takes_its_own_ddpm_step():
     xt, mean, z = torch.randn(3, 3, 1, 28, 28).unbind(0)
-    c0, ct = Diffusion(50, objective="mean").posterior_coef_x0[20], Diffusion(50).posterior_coef_xt[20]
-    # The network outputs (mean - ct x_t) / c0 (the default), mean - ct x_t, mean - x_t, or the mean whole
-    # (older checkpoints).
-    for skip, part, scale in (("ct-c0", ct, c0), ("ct", ct, 1.0), ("xt", 1.0, 1.0), ("none", 0.0, 1.0)):
+    d = Diffusion(50, objective="mean")
+    c0, ct, beta, ab = d.posterior_coef_x0[20], d.posterior_coef_xt[20], d.betas[20], d.alpha_bar[20]
+    # The network outputs the noise of DDPM's eq. 11, mean = (x_t - beta / sqrt(1 - alpha_bar) out) /
+    # sqrt(1 - beta) (the default), or (older checkpoints) (mean - ct x_t) / c0, mean - ct x_t, mean - x_t, or
+    # the mean whole.
+    eps_form = ((1 - beta) ** -0.5, -beta / ((1 - beta) * (1 - ab)).sqrt())
+    for skip, part, scale in (("eps", *eps_form), ("ct-c0", ct, c0), ("ct", ct, 1.0), ("xt", 1.0, 1.0),
+                              ("none", 0.0, 1.0)):
         d = Diffusion(50, objective="mean", mean_skip=skip)
         x_prev, _ = d.step((mean - part * xt) / scale, xt, 20, 19, 1.0, z)  # consecutive steps, eta 1: mu_theta + sigma_t z
         torch.testing.assert_close(x_prev, mean + d.posterior_var[20].sqrt() * z)
@@ -62,14 +71,16 @@ def test_the_mean_objective_takes_its_own_ddpm_step():
 
 def test_the_mean_network_learns_the_means_x0_part_and_old_checkpoints_keep_their_skip(tmp_path):
     d = Diffusion(50, objective="mean")
-    x0, xt = torch.rand(2, 1, 28, 28) * 2 - 1, torch.randn(2, 1, 28, 28)
+    x0, noise = torch.rand(2, 1, 28, 28) * 2 - 1, torch.randn(2, 1, 28, 28)
     t = torch.tensor([3, 40])
+    xt = d.q_sample(x0, t, noise)
     c0 = d.posterior_coef_x0[t].view(-1, 1, 1, 1)
-    assert d.config()["mean_skip"] == "ct-c0"
-    torch.testing.assert_close(d.target(x0, xt, t, None), x0)  # the mean less its x_t part, over c0
+    assert d.config()["mean_skip"] == "eps"
+    torch.testing.assert_close(d.target(x0, xt, t, None), noise, atol=1e-4, rtol=0)  # eq. 11 solved for it
+    torch.testing.assert_close(Diffusion(50, objective="mean", mean_skip="ct-c0").target(x0, xt, t, None), x0)
     torch.testing.assert_close(Diffusion(50, objective="mean", mean_skip="ct").target(x0, xt, t, None), c0 * x0)
     # Checkpoints from before the skip had none; for a while it was True (x_t) or False (none).
-    for stored, read in ((None, "none"), (False, "none"), (True, "xt"), ("ct", "ct")):
+    for stored, read in ((None, "none"), (False, "none"), (True, "xt"), ("ct", "ct"), ("ct-c0", "ct-c0")):
         cfg = {k: v for k, v in d.config().items() if k != "mean_skip"}
         if stored is not None:
             cfg["mean_skip"] = stored
@@ -135,9 +146,9 @@ def test_a_checkpoint_records_and_restores_objective_loss_and_network(tmp_path, 
     if objective == "mean":
         assert "ddpm with 20 steps" in capsys.readouterr().out
         few_steps = (["--sampler", "dpm2m-sde"], ["--sampler", "ddim", "--steps", "5"], ["--steps", "5"])
-        for few in few_steps[:2]:  # its output is x_0's scale, so x_0 needs no division and any sampler serves it
+        for few in few_steps[:2]:  # its output is the noise of eq. 11: x_0 needs no division, any sampler serves it
             assert run.main(sample + few) == 0, capsys.readouterr().err
-        # A mean network from before (its output c_0 x_0, x_t's step or the whole mean) gives x_0 only divided
+        # A mean network from before (its output the mean less c_t x_t, x_t's step or the whole mean) gives x_0 only divided
         # by c_0: samplers that skip steps are refused.
         path = latest_checkpoint(ckpt_dir)
         old = torch.load(path, weights_only=True)

@@ -155,14 +155,15 @@ def build_parser():
     g.add_argument("--depth", type=positive_int, metavar="N", help=f"MLP residual blocks (default {D['depth']})")
     g.add_argument("--objective", choices=OBJECTIVES,
                    help="what the network predicts: the noise eps (DDPM), the clean image x0, or the posterior "
-                        "mean of x_{t-1} as its step from x_t (sampled with --sampler ddpm) "
+                        "mean of x_{t-1}, made from a noise output by DDPM's eq. 11 (sampled with --sampler ddpm) "
                         f"(default {D['objective']})")
     g.add_argument("--loss", choices=list(LOSSES), help="the regression loss on that target (default mse)")
     g.add_argument("--weighting", choices=WEIGHTINGS,
                    help="where the loss is spent over t: uniform t, unweighted (DDPM); min-snr: x0 error weighted "
                         "min(SNR, 5); p2: weighted SNR/(1+SNR); lognormal: t drawn with EDM's ln sigma ~ "
                         "N(-1.2, 1.2), few draws near pure noise; vlb: the variational bound's weight, "
-                        f"1/(2 beta_t) on the posterior mean (default {D['weighting']}; vlb for --objective mean)")
+                        "1/(2 beta_t) on the posterior mean, as t drawn in proportion to it "
+                        f"(default {D['weighting']}; vlb for --objective mean)")
     g.add_argument("--timesteps", type=timestep_count, metavar="T", help=f"diffusion steps (default {D['timesteps']})")
     g.add_argument("--channels", type=channel_list, metavar="A,B,C",
                    help=f"U-Net widths at 28, 14 and 7 pixels (default {fmt(D['channels'])})")

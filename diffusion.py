@@ -145,11 +145,11 @@ class Diffusion:
         return mean, self._at(self.posterior_var, t, xt)
 
     def target(self, x0, xt, t, noise):
-        """What the network learns to output for x_t: eps, x_0, or the posterior mean of x_{t-1} (eq. 7), as its
-        less its skip (mean_skip)."""
-        if self.objective == "eps":
+        """What the network learns to output for x_t: eps, x_0, or the posterior mean of x_{t-1} (eq. 7), less its
+        skip and over its scale (mean_skip): for the forms whose output is the noise or x_0, exactly that."""
+        if self.output_like == "eps":
             return noise
-        elif self.objective == "x0":
+        elif self.output_like == "x0":
             return x0
         elif self.objective == "mean":
             c0, scale = self._at(self.posterior_coef_x0, t, xt), self._at(self.mean_scale, t, xt)
@@ -194,9 +194,9 @@ class Diffusion:
     def predict_x0(self, out, xt, t):
         """The x_0 that the network's output at integer timestep t implies, clipped to [-1, 1]."""
         ab = self._alpha_bar[t]
-        if self.objective == "eps":
+        if self.output_like == "eps":
             x0 = (xt - (1 - ab) ** 0.5 * out) / ab ** 0.5  # eq. (9) of DDIM solved for x_0
-        elif self.objective == "x0":
+        elif self.output_like == "x0":
             x0 = out
         elif self.objective == "mean":
             # eq. (7) of DDPM, mean = c0 x_0 + ct x_t, solved for x_0: mean - ct x_t = scale out + (skip - ct)

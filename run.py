@@ -155,7 +155,8 @@ def build_parser():
     g.add_argument("--depth", type=positive_int, metavar="N", help=f"MLP residual blocks (default {D['depth']})")
     g.add_argument("--objective", choices=OBJECTIVES,
                    help="what the network predicts: the noise eps (DDPM), the clean image x0, or the posterior "
-                        "mean of x_{t-1}, made from a noise output by DDPM's eq. 11 (sampled with --sampler ddpm) "
+                        "mean of x_{t-1}, made from a noise output by DDPM's eq. 11 (sampled with --sampler ddpm by "
+                        "default; every sampler serves it) "
                         f"(default {D['objective']})")
     g.add_argument("--loss", choices=list(LOSSES), help="the regression loss on that target (default mse)")
     g.add_argument("--weighting", choices=WEIGHTINGS,

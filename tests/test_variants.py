@@ -76,7 +76,11 @@ def test_the_mean_network_learns_the_means_x0_part_and_old_checkpoints_keep_thei
     xt = d.q_sample(x0, t, noise)
     c0 = d.posterior_coef_x0[t].view(-1, 1, 1, 1)
     assert d.config()["mean_skip"] == "eps"
-    torch.testing.assert_close(d.target(x0, xt, t, None), noise, atol=1e-4, rtol=0)  # eq. 11 solved for it
+    # Its target is the noise, and eq. 11 makes the true posterior mean (eq. 7) of it, at every t.
+    torch.testing.assert_close(d.target(x0, xt, t, noise), noise)
+    for i in range(2):
+        torch.testing.assert_close(d.mean(noise[i], xt[i], t[i].item()), d.q_posterior(x0, xt, t)[0][i], atol=1e-5,
+                                   rtol=0)
     torch.testing.assert_close(Diffusion(50, objective="mean", mean_skip="ct-c0").target(x0, xt, t, None), x0)
     torch.testing.assert_close(Diffusion(50, objective="mean", mean_skip="ct").target(x0, xt, t, None), c0 * x0)
     # Checkpoints from before the skip had none; for a while it was True (x_t) or False (none).

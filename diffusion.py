@@ -90,14 +90,13 @@ class Diffusion:
         self.posterior_coef_x0 = coef_x0.float()
         coef_xt = (1 - alpha_bar_prev) * (1 - betas).sqrt() / (1 - alpha_bar)
         self.posterior_coef_xt = coef_xt.float()
-        # A mean network's mean = skip x_t + scale output (mean_skip), each coefficient and skip - c_t taken in
-        # float64: Python floats for the sampler's steps, float32 tensors for the loss.
-        skip, out_scale = {"none": (0 * betas, 1 + 0 * betas), "xt": (1 + 0 * betas, 1 + 0 * betas),
-                       "ct": (coef_xt, 1 + 0 * betas), "ct-c0": (coef_xt, coef_x0),
-                       "eps": ((1 - betas) ** -0.5, -betas / ((1 - betas) * (1 - alpha_bar)).sqrt())}[mean_skip]
-        self._mean_parts = list(zip(coef_x0.tolist(), coef_xt.tolist(), (skip - coef_xt).tolist(),
-                                    out_scale.tolist()))
-        self.mean_scale, self.mean_ct_less_skip = out_scale.float(), (coef_xt - skip).float()
+        # A mean network's mean = skip x_t + scale output (mean_skip), with skip - c_t taken in float64 (x_0 is
+        # that mean less c_t x_t, over c_0): Python floats for the sampler's steps, float32 tensors for the loss.
+        zero, one = torch.zeros_like(betas), torch.ones_like(betas)
+        skip, out_scale = {"none": (zero, one), "xt": (one, one), "ct": (coef_xt, one), "ct-c0": (coef_xt, coef_x0),
+                           "eps": ((1 - betas) ** -0.5, -betas / ((1 - betas) * (1 - alpha_bar)).sqrt())}[mean_skip]
+        self._mean_parts = list(zip(coef_x0.tolist(), skip.tolist(), (skip - coef_xt).tolist(), out_scale.tolist()))
+        self.mean_scale, self.mean_skip_less_ct = out_scale.float(), (skip - coef_xt).float()
         self.t_weight, self.t_probs = self._weighting(alpha_bar, log_sigma, coef_x0, out_scale, betas)
 
     def _weighting(self, alpha_bar, log_sigma, coef_x0, out_scale, betas):
@@ -153,8 +152,8 @@ class Diffusion:
             return x0
         elif self.objective == "mean":
             c0, scale = self._at(self.posterior_coef_x0, t, xt), self._at(self.mean_scale, t, xt)
-            # (mean - skip x_t) / scale, with c_t - skip taken before it multiplies x_t
-            return (c0 * x0 + self._at(self.mean_ct_less_skip, t, xt) * xt) / scale
+            # (mean - skip x_t) / scale = (c0 x_0 - (skip - c_t) x_t) / scale
+            return (c0 * x0 - self._at(self.mean_skip_less_ct, t, xt) * xt) / scale
         else:
             raise ValueError(f"unknown objective {self.objective!r}")
 
@@ -223,12 +222,8 @@ class Diffusion:
 
     def mean(self, out, xt, t):
         """The posterior mean of x_{t-1} that a mean network's output at integer timestep t says."""
-        _, ct, skip_less_ct, scale = self._mean_parts[t]
-        return (ct + skip_less_ct) * xt + scale * out
-
-    def mean_coefs(self, t):
-        """c0, ct of the posterior mean of x_{t-1} (not of x_{t_prev}): eq. (7), mean = c0 x_0 + ct x_t."""
-        return self._mean_parts[t][:2]
+        _, skip, _, scale = self._mean_parts[t]
+        return skip * xt + scale * out
 
     def step(self, out, xt, t, t_prev, eta, noise):
         """One step x_t -> x_{t_prev} from the network's output; also returns the predicted x_0, clipped.

@@ -209,7 +209,7 @@ def load_sampler(s):
             raise
         plan = None  # a mean network's own message below says what it can take
     if whole_only and not (plan and plan.solver == "ddim" and plan.steps == diffusion.timesteps and plan.eta == 1):
-        # x_0 = (mean - c_t x_t) / c_0, and c_0 falls to about 1e-4 at t = T-1 (diffusion.mean_coefs).
+        # x_0 = (mean - c_t x_t) / c_0, and c_0 falls to about 1e-4 at t = T-1 (Diffusion.posterior_coef_x0).
         raise UserError(f"{s.checkpoint} predicts the posterior mean of x_(t-1), which gives x_0 only divided by a "
                         f"coefficient as small as 1e-4, so a sampler that skips steps blows its error up into "
                         f"noise (docs/variants.md); use --sampler ddpm, its default, without --steps or --eta")

@@ -62,3 +62,19 @@ def workspace(tmp_path, trained, mnist_root):
     shutil.copytree(trained["out_dir"], out_dir)
     return {"ckpt_dir": ckpt_dir, "out_dir": out_dir, "data_dir": mnist_root,
             "checkpoint": latest_checkpoint(ckpt_dir)}
+
+
+def alpha_bar_at(d, t):
+    """alpha_bar at (possibly fractional) timesteps t (B,), interpolating log sigma as Heun does."""
+    lo = t.floor().long().clamp(max=d.timesteps - 2)
+    w = (t - lo).view(-1, 1, 1, 1)
+    log_sigma = (1 - w) * d.log_sigma[lo].view(-1, 1, 1, 1) + w * d.log_sigma[lo + 1].view(-1, 1, 1, 1)
+    return 1 / (1 + (2 * log_sigma).exp())
+
+
+def exact_eps(d, target):
+    """The exact eps-predictor when the data is one known batch: eps = (x_t - sqrt(ab) x*) / sqrt(1 - ab)."""
+    def model(x, t):
+        ab = alpha_bar_at(d, t.float())
+        return (x - ab.sqrt() * target) / (1 - ab).sqrt()
+    return model

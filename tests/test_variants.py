@@ -4,10 +4,9 @@ import torch
 
 import run
 from ckpt import FORMAT, latest_checkpoint, load_checkpoint
-from conftest import TINY
+from conftest import TINY, exact_eps
 from diffusion import Diffusion
 from model import MLP, MLPConfig, build_network, count_parameters
-from test_diffusion import exact_eps  # the exact eps at continuous timesteps, as Heun asks
 
 
 def true_target(d, x0_true):

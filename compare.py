@@ -7,6 +7,7 @@
     python compare.py speeds                       # training images/s of each recipe lever on this machine
     python compare.py recipe --train-steps 7600 --speeds gen/speeds.json --seeds 0,1   # issue 16's levers
     python compare.py samplers --checkpoint PATH --seeds 0,1   # solvers and guidance on one checkpoint
+    python compare.py grids --checkpoint A.pt,B.pt,...   # their digits side by side (variants.png), no training
 
 A budget is --minutes of this machine's time, or --train-steps. With --speeds (a speeds.json, {recipe:
 images/s} on some machine) budgets become steps: --train-steps are the default's, each recipe given the
@@ -30,7 +31,7 @@ import torch
 
 import figures
 from bench import timed
-from ckpt import latest_checkpoint, load_checkpoint, save_checkpoint, save_figure, write_atomic
+from ckpt import ADDED_SETTINGS, latest_checkpoint, load_checkpoint, save_checkpoint, save_figure, write_atomic
 from diffusion import Diffusion
 from errors import UserError
 from evaluate import Judge, as_asked, evaluate
@@ -326,7 +327,7 @@ def screen_samplers(checkpoint, seeds, n, data_dir, out_dir, device, amp):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["budgets", "variants", "speeds", "recipe", "samplers"])
+    p.add_argument("what", choices=["budgets", "variants", "speeds", "recipe", "samplers", "grids"])
     p.add_argument("--minutes", default=None,
                    help="budgets, variants: a list like 5,20,45 (default: budgets 5,20,45, variants 20)")
     p.add_argument("--train-steps", default=None,
@@ -341,7 +342,8 @@ def main(argv=None):
                         "speeds (default: equal steps, wall-clock minutes)")
     p.add_argument("--seeds", default="0", help="recipe, samplers: comma-separated seeds; budgets, variants: "
                                                   "the first (default 0)")
-    p.add_argument("--checkpoint", default=None, help="samplers: the checkpoint to screen")
+    p.add_argument("--checkpoint", default=None,
+                   help="samplers: the checkpoint to screen; grids: comma-separated checkpoints to draw side by side")
     p.add_argument("--root", default="experiments", help="where the runs go (default experiments)")
     p.add_argument("--out-dir", default="gen", help="table and figure (default gen)")
     p.add_argument("--n-samples", type=int, default=None, help="eval N (default 1000)")
@@ -365,6 +367,14 @@ def compare(args):
         speeds = lever_speeds(names, device, amp)
         out = os.path.join(out_dir, "speeds.json")
         write_atomic(out, lambda f: f.write((json.dumps(speeds, indent=1) + "\n").encode()))
+        print(f"wrote {out}")
+        return
+    if what == "grids":  # checkpoints made elsewhere (several machines, sessions): their digits side by side
+        if not args.checkpoint:
+            raise UserError("grids needs --checkpoint PATH,PATH,...")
+        paths = args.checkpoint.split(",")
+        out = os.path.join(out_dir, "variants.png")
+        save_figure(side_by_side(paths, [describe_run(p) for p in paths], device, amp), out)
         print(f"wrote {out}")
         return
     if what == "samplers":
@@ -401,14 +411,29 @@ def compare(args):
         rows, _ = budget_runs(root, names, minutes or (None if args.train_steps else "20"), args.train_steps,
                               args.speeds, seeds[0], n_samples or 1000, data_dir, device, amp,
                               extra={**GUIDANCE_1, "ddpm": {"sampler": "ddpm"}})
-        grids = []
-        for r in rows:  # what sample.png shows: 64 digits of the class prior, default sampling
-            sp = load_sampler(SampleSettings(checkpoint=r["checkpoint"], device=device, amp=amp))
-            grids.append(sp.generate(64, 0, labels=sp.labels(64, 0)))
-        save_figure(figures.panels(grids, [f"{r['name']}\nFID {r['samples']['fid']:.0f}" for r in rows]),
+        save_figure(side_by_side([r["checkpoint"] for r in rows],
+                                 [f"{r['name']}\nFID {r['samples']['fid']:.0f}" for r in rows], device, amp),
                     os.path.join(out_dir, "variants.png"))
         return write_table(variants_table(rows), os.path.join(out_dir, "variants.md"))
     write_table(table(rows), os.path.join(out_dir, "budgets.md"))
+
+
+def side_by_side(checkpoints, titles, device, amp):
+    """What each checkpoint's sample.png shows (64 digits drawn from the class prior with its default sampling,
+    seed 0), one grid per checkpoint under its title."""
+    grids = []
+    for path in checkpoints:
+        sp = load_sampler(SampleSettings(checkpoint=path, dataset="mnist", device=device, amp=amp))
+        grids.append(sp.generate(64, 0, labels=sp.labels(64, 0)))
+    return figures.panels(grids, titles)
+
+
+def describe_run(path):
+    """A grid's title from what the checkpoint records: objective, loss, weighting, network, steps."""
+    ckpt = load_checkpoint(path)
+    cfg = {**DEFAULTS, **ADDED_SETTINGS, **ckpt["train_config"]}  # older checkpoints: what they trained with
+    net = f"mlp {cfg['width']} x {cfg['depth']}" if cfg["arch"] == "mlp" else cfg["arch"]
+    return f"{cfg['objective']}, {cfg['loss']}, {cfg['weighting']}, {net}\n{ckpt['step']:,} steps"
 
 
 def write_table(text, path):

@@ -101,3 +101,25 @@ def test_a_reused_run_gets_only_the_evals_it_lacks(tmp_path, monkeypatch):
                                  steps=5, extra={**compare.GUIDANCE_1, "ddpm": {"sampler": "ddpm"}})
     assert evaluated == [(str(d / "ddpm"), "ddpm", None)]
     assert row["train_steps"] == 5 and row["parameters"] == 3 and row["images_per_s"] == 40.0
+
+
+def test_grids_draws_checkpoints_side_by_side_titled_by_what_they_record(workspace, tmp_path, monkeypatch, capsys):
+    """compare.py grids: checkpoints trained elsewhere, each drawn as its sample.png is, in one figure; the titles
+    come from each checkpoint's own settings; a missing file is a one-line error."""
+    drawn = []
+    monkeypatch.setattr(compare.figures, "panels", lambda grids, titles: drawn.append((grids, titles)) or "fig")
+    monkeypatch.setattr(compare, "save_figure", lambda fig, path: drawn.append((fig, path)))
+    ckpt, out = workspace["checkpoint"], str(tmp_path / "figs")
+    compare.main(["grids", "--checkpoint", f"{ckpt},{ckpt}", "--out-dir", out, "--device", "cpu",
+                  "--precision", "fp32"])
+    (grids, titles), (fig, path) = drawn
+    assert [g.shape for g in grids] == [(64, 1, 28, 28)] * 2 and torch.equal(grids[0], grids[1])
+    assert titles == ["x0, mse, p2, unet\n4 steps"] * 2
+    assert fig == "fig" and path == str(tmp_path / "figs" / "variants.png")
+    with pytest.raises(SystemExit, match="does not exist"):
+        compare.main(["grids", "--checkpoint", f"{ckpt},{tmp_path / 'nothing.pt'}", "--out-dir", out])
+    old = compare.load_checkpoint(ckpt)  # from before the objective, loss, weighting and arch were recorded
+    for key in ("objective", "loss", "weighting", "arch"):
+        del old["train_config"][key]
+    save_checkpoint(old, str(tmp_path / "old.pt"))
+    assert compare.describe_run(str(tmp_path / "old.pt")) == "eps, mse, uniform, unet\n4 steps"

@@ -7,7 +7,7 @@
     python compare.py speeds                       # training images/s of each recipe lever on this machine
     python compare.py recipe --train-steps 7600 --speeds gen/speeds.json --seeds 0,1   # issue 16's levers
     python compare.py samplers --checkpoint PATH --seeds 0,1   # solvers and guidance on one checkpoint
-    python compare.py grids --checkpoint A.pt,B.pt,...   # their digits side by side (variants.png), no training
+    python compare.py grids --checkpoint A.pt,B.pt,...   # their digits side by side (grids.png), no training
 
 A budget is --minutes of this machine's time, or --train-steps. With --speeds (a speeds.json, {recipe:
 images/s} on some machine) budgets become steps: --train-steps are the default's, each recipe given the
@@ -31,7 +31,7 @@ import torch
 
 import figures
 from bench import timed
-from ckpt import ADDED_SETTINGS, latest_checkpoint, load_checkpoint, save_checkpoint, save_figure, write_atomic
+from ckpt import latest_checkpoint, load_checkpoint, reconcile, save_checkpoint, save_figure, write_atomic
 from diffusion import Diffusion
 from errors import UserError
 from evaluate import Judge, as_asked, evaluate
@@ -343,7 +343,8 @@ def main(argv=None):
     p.add_argument("--seeds", default="0", help="recipe, samplers: comma-separated seeds; budgets, variants: "
                                                   "the first (default 0)")
     p.add_argument("--checkpoint", default=None,
-                   help="samplers: the checkpoint to screen; grids: comma-separated checkpoints to draw side by side")
+                   help="samplers: the checkpoint to screen; grids: comma-separated checkpoints to draw side by "
+                        "side into grids.png")
     p.add_argument("--root", default="experiments", help="where the runs go (default experiments)")
     p.add_argument("--out-dir", default="gen", help="table and figure (default gen)")
     p.add_argument("--n-samples", type=int, default=None, help="eval N (default 1000)")
@@ -370,11 +371,12 @@ def compare(args):
         print(f"wrote {out}")
         return
     if what == "grids":  # checkpoints made elsewhere (several machines, sessions): their digits side by side
-        if not args.checkpoint:
-            raise UserError("grids needs --checkpoint PATH,PATH,...")
-        paths = args.checkpoint.split(",")
-        out = os.path.join(out_dir, "variants.png")
-        save_figure(side_by_side(paths, [describe_run(p) for p in paths], device, amp), out)
+        paths = [p.strip() for p in (args.checkpoint or "").split(",")]
+        if "" in paths:
+            raise UserError("grids needs --checkpoint PATH,PATH,... (no empty item, no stray comma)")
+        titles = [describe_checkpoint(p) for p in paths]  # every file checked before any sampling
+        out = os.path.join(out_dir, "grids.png")
+        save_figure(side_by_side(paths, titles, device, amp), out)
         print(f"wrote {out}")
         return
     if what == "samplers":
@@ -428,12 +430,16 @@ def side_by_side(checkpoints, titles, device, amp):
     return figures.panels(grids, titles)
 
 
-def describe_run(path):
+def describe_checkpoint(path):
     """A grid's title from what the checkpoint records: objective, loss, weighting, network, steps."""
     ckpt = load_checkpoint(path)
-    cfg = {**DEFAULTS, **ADDED_SETTINGS, **ckpt["train_config"]}  # older checkpoints: what they trained with
+    cfg = reconcile({}, DEFAULTS, ckpt, path)  # older checkpoints: what they trained with
+    if cfg["dataset"] != "mnist":
+        raise UserError(f"{path} was trained on {cfg['dataset']} (2D points), not MNIST; grids draws digits, "
+                        f"so leave it out of --checkpoint")
     net = f"mlp {cfg['width']} x {cfg['depth']}" if cfg["arch"] == "mlp" else cfg["arch"]
-    return f"{cfg['objective']}, {cfg['loss']}, {cfg['weighting']}, {net}\n{ckpt['step']:,} steps"
+    return (f"{cfg['objective']} prediction, {cfg['loss']} loss\n{cfg['weighting']} weighting, {net}\n"
+            f"{ckpt['step']:,} steps")
 
 
 def write_table(text, path):

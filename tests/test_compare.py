@@ -103,23 +103,46 @@ def test_a_reused_run_gets_only_the_evals_it_lacks(tmp_path, monkeypatch):
     assert row["train_steps"] == 5 and row["parameters"] == 3 and row["images_per_s"] == 40.0
 
 
-def test_grids_draws_checkpoints_side_by_side_titled_by_what_they_record(workspace, tmp_path, monkeypatch, capsys):
-    """compare.py grids: checkpoints trained elsewhere, each drawn as its sample.png is, in one figure; the titles
-    come from each checkpoint's own settings; a missing file is a one-line error."""
+def test_grids_draws_checkpoints_side_by_side_titled_by_what_they_record(workspace, tmp_path, monkeypatch):
+    """compare.py grids: checkpoints trained elsewhere, each drawn as its sample.png is, in order, in one figure;
+    the titles come from each checkpoint's own settings (older ones: what they trained with)."""
+    a = workspace["checkpoint"]
+    other = compare.load_checkpoint(a)  # another network: other weights, an MLP's settings, more steps
+    other["step"] = 1234
+    other["ema"] = {k: v + 0.1 for k, v in other["ema"].items()}
+    other["train_config"].update(objective="eps", loss="l1", weighting="uniform")
+    b = str(tmp_path / "b.pt")
+    save_checkpoint(other, b)
     drawn = []
     monkeypatch.setattr(compare.figures, "panels", lambda grids, titles: drawn.append((grids, titles)) or "fig")
     monkeypatch.setattr(compare, "save_figure", lambda fig, path: drawn.append((fig, path)))
-    ckpt, out = workspace["checkpoint"], str(tmp_path / "figs")
-    compare.main(["grids", "--checkpoint", f"{ckpt},{ckpt}", "--out-dir", out, "--device", "cpu",
-                  "--precision", "fp32"])
+    out = str(tmp_path / "figs")
+    compare.main(["grids", "--checkpoint", f"{a}, {b}", "--out-dir", out, "--device", "cpu", "--precision", "fp32"])
     (grids, titles), (fig, path) = drawn
-    assert [g.shape for g in grids] == [(64, 1, 28, 28)] * 2 and torch.equal(grids[0], grids[1])
-    assert titles == ["x0, mse, p2, unet\n4 steps"] * 2
-    assert fig == "fig" and path == str(tmp_path / "figs" / "variants.png")
-    with pytest.raises(SystemExit, match="does not exist"):
-        compare.main(["grids", "--checkpoint", f"{ckpt},{tmp_path / 'nothing.pt'}", "--out-dir", out])
-    old = compare.load_checkpoint(ckpt)  # from before the objective, loss, weighting and arch were recorded
+    assert [g.shape for g in grids] == [(64, 1, 28, 28)] * 2 and not torch.equal(grids[0], grids[1])
+    assert titles == ["x0 prediction, mse loss\np2 weighting, unet\n4 steps",
+                      "eps prediction, l1 loss\nuniform weighting, unet\n1,234 steps"]
+    assert fig == "fig" and path == str(tmp_path / "figs" / "grids.png")
+
+    mlp = compare.load_checkpoint(a)
+    mlp["train_config"].update(arch="mlp", width=8, depth=1)
+    save_checkpoint(mlp, str(tmp_path / "mlp.pt"))
+    assert compare.describe_checkpoint(str(tmp_path / "mlp.pt")).split("\n")[1] == "p2 weighting, mlp 8 x 1"
+    old = compare.load_checkpoint(a)  # from before the objective, loss, weighting and arch were recorded
     for key in ("objective", "loss", "weighting", "arch"):
         del old["train_config"][key]
     save_checkpoint(old, str(tmp_path / "old.pt"))
-    assert compare.describe_run(str(tmp_path / "old.pt")) == "eps, mse, uniform, unet\n4 steps"
+    assert compare.describe_checkpoint(str(tmp_path / "old.pt")) == ("eps prediction, mse loss\n"
+                                                                     "uniform weighting, unet\n4 steps")
+
+
+@pytest.mark.parametrize("given, error", [("{a},{missing}", "does not exist"), ("{a},", "no stray comma"),
+                                          ("{a},{heart}", "trained on heart")])
+def test_grids_refuses_what_it_cannot_draw_before_sampling_anything(workspace, tmp_path, monkeypatch, given, error):
+    heart = compare.load_checkpoint(workspace["checkpoint"])
+    heart["train_config"]["dataset"] = "heart"
+    save_checkpoint(heart, str(tmp_path / "heart.pt"))
+    monkeypatch.setattr(compare, "side_by_side", lambda *a: pytest.fail("sampled"))
+    paths = given.format(a=workspace["checkpoint"], missing=tmp_path / "nothing.pt", heart=tmp_path / "heart.pt")
+    with pytest.raises(SystemExit, match=error):
+        compare.main(["grids", "--checkpoint", paths, "--out-dir", str(tmp_path)])

@@ -167,3 +167,17 @@ def test_a_checkpoint_records_and_restores_objective_loss_and_network(tmp_path, 
                          "--ckpt-dir", ckpt_dir, "--device", "cpu", "--precision", "fp32"]) == 0
         assert load_checkpoint(latest_checkpoint(ckpt_dir))["diffusion_config"]["mean_skip"] == "xt"
         assert run.main(sample) == 0
+
+
+@pytest.mark.parametrize("weighting, note", [(None, "--weighting p2 trains the same network"), ("p2", None)])
+def test_a_mean_run_at_t_1000_under_the_bound_says_it_trains_slowly(tmp_path, mnist_root, capsys, weighting, note):
+    """The bound's weighting at T = 1000 is a slow recipe (docs/variants.md): a new run says so and names the
+    flag that trains the same network as eps does; under another weighting there is nothing to say."""
+    assert run.main(["--mode", "train", "--train-steps", "1", "--data-dir", mnist_root, "--ckpt-dir",
+                     str(tmp_path / "ckpt"), *TINY, "--timesteps", "1000", "--objective", "mean",
+                     *(["--weighting", weighting] if weighting else [])]) == 0
+    out = capsys.readouterr().out
+    if note:
+        assert "trains a posterior-mean network slowly" in out and note in out
+    else:
+        assert "note:" not in out

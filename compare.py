@@ -7,7 +7,7 @@
     python compare.py speeds                       # training images/s of each recipe lever on this machine
     python compare.py recipe --train-steps 7600 --speeds gen/speeds.json --seeds 0,1   # issue 16's levers
     python compare.py samplers --checkpoint PATH --seeds 0,1   # solvers and guidance on one checkpoint
-    python compare.py grids --checkpoint A.pt,B.pt,...   # their digits side by side (grids.png), no training
+    python compare.py grids --checkpoint A.pt,B.pt,... [--sampler S]   # their digits side by side (grids.png)
 
 A budget is --minutes of this machine's time, or --train-steps. With --speeds (a speeds.json, {recipe:
 images/s} on some machine) budgets become steps: --train-steps are the default's, each recipe given the
@@ -36,7 +36,7 @@ from diffusion import Diffusion
 from errors import UserError
 from evaluate import Judge, as_asked, evaluate
 from hardware import pick_hardware
-from sample import EVERYWHERE, SampleSettings, load_sampler
+from sample import EVERYWHERE, SAMPLERS, SampleSettings, load_sampler
 from train import DEFAULTS, NO_LABEL, TrainSettings, make_trainable, network_config, train, train_step
 
 GUIDANCE_1 = {"guidance-1": {"guidance": 1.0}}  # the extra eval of a labelled run: plain conditional
@@ -345,6 +345,9 @@ def main(argv=None):
     p.add_argument("--checkpoint", default=None,
                    help="samplers: the checkpoint to screen; grids: comma-separated checkpoints to draw side by "
                         "side into grids.png")
+    p.add_argument("--sampler", default=None, choices=SAMPLERS,
+                   help="grids: draw every checkpoint with this sampler at its default steps (default: each "
+                        "checkpoint's own, as run.py --mode sample does)")
     p.add_argument("--root", default="experiments", help="where the runs go (default experiments)")
     p.add_argument("--out-dir", default="gen", help="table and figure (default gen)")
     p.add_argument("--n-samples", type=int, default=None, help="eval N (default 1000)")
@@ -376,7 +379,7 @@ def compare(args):
             raise UserError("grids needs --checkpoint PATH,PATH,... (no empty item, no stray comma)")
         titles = [describe_checkpoint(p) for p in paths]  # every file checked before any sampling
         out = os.path.join(out_dir, "grids.png")
-        save_figure(side_by_side(paths, titles, device, amp), out)
+        save_figure(side_by_side(paths, titles, device, amp, args.sampler), out)
         print(f"wrote {out}")
         return
     if what == "samplers":
@@ -420,12 +423,12 @@ def compare(args):
     write_table(table(rows), os.path.join(out_dir, "budgets.md"))
 
 
-def side_by_side(checkpoints, titles, device, amp):
+def side_by_side(checkpoints, titles, device, amp, sampler=None):
     """What each checkpoint's sample.png shows (64 digits drawn from the class prior with its default sampling,
-    seed 0), one grid per checkpoint under its title."""
+    or with `sampler`, seed 0), one grid per checkpoint under its title."""
     grids = []
     for path in checkpoints:
-        sp = load_sampler(SampleSettings(checkpoint=path, dataset="mnist", device=device, amp=amp))
+        sp = load_sampler(SampleSettings(checkpoint=path, dataset="mnist", sampler=sampler, device=device, amp=amp))
         grids.append(sp.generate(64, 0, labels=sp.labels(64, 0)))
     return figures.panels(grids, titles)
 

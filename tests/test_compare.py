@@ -118,7 +118,16 @@ def test_grids_draws_checkpoints_side_by_side_titled_by_what_they_record(workspa
     monkeypatch.setattr(compare, "save_figure", lambda fig, path: drawn.append((fig, path)))
     out = str(tmp_path / "figs")
     compare.main(["grids", "--checkpoint", f"{a}, {b}", "--out-dir", out, "--device", "cpu", "--precision", "fp32"])
-    (grids, titles), (fig, path) = drawn
+    (grids, titles), (fig, path) = drawn[:2]
+    samplers, real_load = [], compare.load_sampler
+
+    def recording(settings):
+        sp = real_load(settings)
+        samplers.append(sp.sampler)
+        return sp
+    monkeypatch.setattr(compare, "load_sampler", recording)
+    compare.main(["grids", "--checkpoint", f"{a},{b}", "--sampler", "ddim", "--out-dir", out])
+    assert samplers == ["ddim", "ddim"]
     assert [g.shape for g in grids] == [(64, 1, 28, 28)] * 2 and not torch.equal(grids[0], grids[1])
     assert titles == ["x0 prediction, mse loss\np2 weighting, unet\n4 steps",
                       "eps prediction, l1 loss\nuniform weighting, unet\n1,234 steps"]

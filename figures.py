@@ -63,12 +63,13 @@ def loss_curve(history, title, evals=(), ylabel="loss"):
 
 def panels(images, titles, nrow=8):
     """One grid per entry of images [(N, 1, 28, 28)], side by side, each under its title."""
-    fig, axes = plt.subplots(1, len(images), figsize=(2.6 * len(images), 3.0), dpi=100, squeeze=False)
+    lines = max(t.count("\n") + 1 for t in titles)  # room for the longest title above its grid
+    fig, axes = plt.subplots(1, len(images), figsize=(2.6 * len(images), 2.8 + 0.2 * lines), dpi=100,
+                             squeeze=False, layout="constrained")  # constrained: square grids keep their titles
     for ax, x, title in zip(axes[0], images, titles):
         ax.imshow(grid(x, nrow), cmap="gray", vmin=0, vmax=255)
         ax.set_title(title, fontsize=8)
         ax.axis("off")
-    fig.tight_layout()
     return fig
 
 

@@ -155,3 +155,15 @@ def test_grids_refuses_what_it_cannot_draw_before_sampling_anything(workspace, t
     paths = given.format(a=workspace["checkpoint"], missing=tmp_path / "nothing.pt", heart=tmp_path / "heart.pt")
     with pytest.raises(SystemExit, match=error):
         compare.main(["grids", "--checkpoint", paths, "--out-dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("lines", [1, 3])
+def test_the_side_by_side_figure_keeps_every_title_inside_it(lines):
+    """figures.panels: square grids under titles of up to three lines (grids' titles), none cut off at the top."""
+    fig = compare.figures.panels([torch.zeros(64, 1, 28, 28)] * 4, ["\n".join(["7,601 steps"] * lines)] * 4)
+    fig.canvas.draw()
+    inside = fig.bbox
+    for ax in fig.axes:
+        box = ax.title.get_window_extent(fig.canvas.get_renderer())
+        assert inside.y0 <= box.y0 and box.y1 <= inside.y1
+    compare.figures.plt.close(fig)

@@ -426,11 +426,9 @@ def compare(args):
 def side_by_side(checkpoints, titles, device, amp, sampler=None):
     """What each checkpoint's sample.png shows (64 digits drawn from the class prior with its default sampling,
     or with `sampler`, seed 0), one grid per checkpoint under its title."""
-    grids = []
-    for path in checkpoints:
-        sp = load_sampler(SampleSettings(checkpoint=path, dataset="mnist", sampler=sampler, device=device, amp=amp))
-        grids.append(sp.generate(64, 0, labels=sp.labels(64, 0)))
-    return figures.panels(grids, titles)
+    samplers = [load_sampler(SampleSettings(checkpoint=path, dataset="mnist", sampler=sampler, device=device, amp=amp))
+                for path in checkpoints]  # all loaded, and a sampler one of them refuses said, before any drawing
+    return figures.panels([sp.generate(64, 0, labels=sp.labels(64, 0)) for sp in samplers], titles)
 
 
 def describe_checkpoint(path):

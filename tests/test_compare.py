@@ -7,6 +7,7 @@ import torch
 import compare
 from ckpt import FORMAT, save_checkpoint
 from errors import UserError
+from sample import Sampler
 from train import DEFAULTS
 
 
@@ -103,41 +104,56 @@ def test_a_reused_run_gets_only_the_evals_it_lacks(tmp_path, monkeypatch):
     assert row["train_steps"] == 5 and row["parameters"] == 3 and row["images_per_s"] == 40.0
 
 
-def test_grids_draws_checkpoints_side_by_side_titled_by_what_they_record(workspace, tmp_path, monkeypatch):
-    """compare.py grids: checkpoints trained elsewhere, each drawn as its sample.png is, in order, in one figure;
-    the titles come from each checkpoint's own settings (older ones: what they trained with)."""
-    a = workspace["checkpoint"]
-    other = compare.load_checkpoint(a)  # another network: other weights, an MLP's settings, more steps
+def grids_of(tmp_path, a, monkeypatch, *flags):
+    """compare.py grids on checkpoint a and an eps/l1 copy of it with other weights: the (path, sampler) each was
+    drawn from, in order, the grids and titles given to the figure, and where it was saved."""
+    other = compare.load_checkpoint(a)
     other["step"] = 1234
     other["ema"] = {k: v + 0.1 for k, v in other["ema"].items()}
-    other["train_config"].update(objective="eps", loss="l1", weighting="uniform")
+    for cfg in (other["train_config"], other["diffusion_config"]):
+        cfg.update(objective="eps", loss="l1", weighting="uniform")
     b = str(tmp_path / "b.pt")
     save_checkpoint(other, b)
-    drawn = []
-    monkeypatch.setattr(compare.figures, "panels", lambda grids, titles: drawn.append((grids, titles)) or "fig")
-    monkeypatch.setattr(compare, "save_figure", lambda fig, path: drawn.append((fig, path)))
-    out = str(tmp_path / "figs")
-    compare.main(["grids", "--checkpoint", f"{a}, {b}", "--out-dir", out, "--device", "cpu", "--precision", "fp32"])
-    (grids, titles), (fig, path) = drawn[:2]
-    samplers, real_load = [], compare.load_sampler
+    drawn, loaded, real_load = [], [], compare.load_sampler
 
     def recording(settings):
         sp = real_load(settings)
-        samplers.append(sp.sampler)
+        loaded.append((settings.checkpoint, sp.sampler))
         return sp
     monkeypatch.setattr(compare, "load_sampler", recording)
-    compare.main(["grids", "--checkpoint", f"{a},{b}", "--sampler", "ddim", "--out-dir", out])
-    assert samplers == ["ddim", "ddim"]
+    monkeypatch.setattr(compare.figures, "panels", lambda grids, titles: drawn.append((grids, titles)) or "fig")
+    monkeypatch.setattr(compare, "save_figure", lambda fig, path: drawn.append((fig, path)))
+    compare.main(["grids", "--checkpoint", f"{a}, {b}", "--out-dir", str(tmp_path / "figs"), "--device", "cpu",
+                  "--precision", "fp32", *flags])
+    (grids, titles), (fig, path) = drawn
+    assert fig == "fig"
+    return b, loaded, grids, titles, path
+
+
+def test_grids_draws_checkpoints_side_by_side_titled_by_what_they_record(workspace, tmp_path, monkeypatch):
+    """compare.py grids: checkpoints trained elsewhere, each drawn as its sample.png is (its own sampler), in
+    order, into one figure, each titled by the settings it records."""
+    a = workspace["checkpoint"]
+    b, loaded, grids, titles, path = grids_of(tmp_path, a, monkeypatch)
+    assert loaded == [(a, "dpm2m"), (b, "dpm2m")]
     assert [g.shape for g in grids] == [(64, 1, 28, 28)] * 2 and not torch.equal(grids[0], grids[1])
     assert titles == ["x0 prediction, mse loss\np2 weighting, unet\n4 steps",
                       "eps prediction, l1 loss\nuniform weighting, unet\n1,234 steps"]
-    assert fig == "fig" and path == str(tmp_path / "figs" / "grids.png")
+    assert path == str(tmp_path / "figs" / "grids.png")
 
-    mlp = compare.load_checkpoint(a)
+
+def test_grids_draws_every_checkpoint_with_the_sampler_asked_for(workspace, tmp_path, monkeypatch):
+    a = workspace["checkpoint"]
+    b, loaded, _, _, _ = grids_of(tmp_path, a, monkeypatch, "--sampler", "ddim")
+    assert loaded == [(a, "ddim"), (b, "ddim")]
+
+
+def test_grid_titles_name_the_mlp_and_what_older_checkpoints_trained_with(workspace, tmp_path):
+    mlp = compare.load_checkpoint(workspace["checkpoint"])
     mlp["train_config"].update(arch="mlp", width=8, depth=1)
     save_checkpoint(mlp, str(tmp_path / "mlp.pt"))
     assert compare.describe_checkpoint(str(tmp_path / "mlp.pt")).split("\n")[1] == "p2 weighting, mlp 8 x 1"
-    old = compare.load_checkpoint(a)  # from before the objective, loss, weighting and arch were recorded
+    old = compare.load_checkpoint(workspace["checkpoint"])  # from before these were recorded
     for key in ("objective", "loss", "weighting", "arch"):
         del old["train_config"][key]
     save_checkpoint(old, str(tmp_path / "old.pt"))
@@ -151,10 +167,22 @@ def test_grids_refuses_what_it_cannot_draw_before_sampling_anything(workspace, t
     heart = compare.load_checkpoint(workspace["checkpoint"])
     heart["train_config"]["dataset"] = "heart"
     save_checkpoint(heart, str(tmp_path / "heart.pt"))
-    monkeypatch.setattr(compare, "side_by_side", lambda *a: pytest.fail("sampled"))
+    monkeypatch.setattr(compare, "load_sampler", lambda *a: pytest.fail("loaded a sampler"))
     paths = given.format(a=workspace["checkpoint"], missing=tmp_path / "nothing.pt", heart=tmp_path / "heart.pt")
     with pytest.raises(SystemExit, match=error):
         compare.main(["grids", "--checkpoint", paths, "--out-dir", str(tmp_path)])
+
+
+def test_grids_loads_every_sampler_before_drawing_any(workspace, tmp_path, monkeypatch):
+    """A checkpoint whose sampler refuses (an old-form mean network asked for dpm2m) is reported before the
+    checkpoints ahead of it are drawn."""
+    old_mean = compare.load_checkpoint(workspace["checkpoint"])
+    old_mean["diffusion_config"].update(objective="mean", weighting="vlb", mean_skip="ct")
+    save_checkpoint(old_mean, str(tmp_path / "mean.pt"))
+    monkeypatch.setattr(Sampler, "generate", lambda *a, **k: pytest.fail("drew before every sampler was loaded"))
+    with pytest.raises(SystemExit, match="posterior mean"):
+        compare.main(["grids", "--checkpoint", f"{workspace['checkpoint']},{tmp_path / 'mean.pt'}", "--sampler",
+                      "dpm2m", "--out-dir", str(tmp_path), "--device", "cpu", "--precision", "fp32"])
 
 
 @pytest.mark.parametrize("lines", [1, 3])

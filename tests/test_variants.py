@@ -101,9 +101,9 @@ def test_the_loss_compares_the_output_with_the_objectives_target(loss):
     assert zero == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_the_default_mlp_is_1024_wide_3_blocks_deep_and_sees_the_timestep():
+def test_the_default_mlp_is_512_wide_3_blocks_deep_and_sees_the_timestep():
     mlp = MLP(MLPConfig())
-    assert 9.0e6 < count_parameters(mlp) < 9.3e6  # 784 -> 1024, 3 blocks of 2 x 1024^2, the time MLP, -> 784
+    assert 2.70e6 < count_parameters(mlp) < 2.73e6  # 784 -> 512, 3 blocks of 2 x 512^2, the time MLP, -> 784
     for p in mlp.parameters():
         torch.nn.init.normal_(p, std=0.05)
     x = torch.randn(2, 1, 28, 28)

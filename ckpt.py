@@ -129,18 +129,20 @@ def save_checkpoint(state, path):
     write_atomic(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path):
-    """The checkpoint dict at path, with tensors on the CPU; a clear error for anything else.
-    weights_only=True: a file from a stranger can hold tensors and plain types, never code to run."""
+def load_checkpoint(path, flag="--checkpoint"):
+    """The checkpoint dict at path, with tensors on the CPU; a clear error, naming the flag that gave the
+    path, for anything else. weights_only=True: a file from a stranger can hold tensors and plain types,
+    never code to run."""
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist; check the path or omit --checkpoint for the newest")
+        raise UserError(f"checkpoint {path} does not exist; check the path" + (
+            " or omit --checkpoint for the newest" if flag == "--checkpoint" else f" given to {flag}"))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}): it may be truncated "
-                        f"or not from run.py; pick another with --checkpoint") from None
+                        f"or not from run.py; pick another with {flag}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise UserError(f"{path} is not a checkpoint written by run.py; pick another with --checkpoint")
+        raise UserError(f"{path} is not a checkpoint written by run.py; pick another with {flag}")
     if "diffusion_config" in ckpt:  # a mean network's skip: none before there was one, True/False for a while
         skip = ckpt["diffusion_config"].get("mean_skip", False)
         ckpt["diffusion_config"]["mean_skip"] = {True: "xt", False: "none"}.get(skip, skip)

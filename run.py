@@ -27,7 +27,8 @@ from train import DEFAULT_EPOCHS, DEFAULTS, TrainSettings, train
 # --dataset is a training setting that sample and eval take as a check of the checkpoint.
 TRAINING_FLAGS = (*(k for k in DEFAULTS if k != "dataset"), "epochs", "minutes", "train_steps", "resume", "keep",
                   "eval_every")
-SAMPLING_FLAGS = ("n_samples", "sampler", "steps", "eta", "churn", "sample_seed", "digit", "guidance", "interval")
+SAMPLING_FLAGS = ("n_samples", "sampler", "steps", "eta", "churn", "sample_seed", "digit", "guidance", "interval",
+                  "guide")
 
 
 class Parser(argparse.ArgumentParser):
@@ -204,6 +205,10 @@ def build_parser():
                    help=f"apply guidance only at timesteps LO <= t <= HI, plain conditional elsewhere; 0,10000 "
                         f"guides everywhere (default {DEFAULT_INTERVAL_SHARE[0]:g}T,{DEFAULT_INTERVAL_SHARE[1]:g}T: "
                         f"100,600 for T=1000)")
+    g.add_argument("--guide-checkpoint", dest="guide", metavar="PATH",
+                   help="autoguidance: guide away from this weaker checkpoint's digits (an earlier or smaller run "
+                        "with the same objective and schedule) instead of the unconditional branch: "
+                        "eps_g + W (eps_c - eps_g) (default: none)")
     g.add_argument("--sample-seed", type=int, metavar="S",
                    help="same seed and checkpoint, same images (default 0)")
     return p
@@ -238,7 +243,8 @@ def sample_settings(args, device, amp):
     return SampleSettings(checkpoint=args.checkpoint or latest_checkpoint(args.ckpt_dir), out_dir=args.out_dir,
                           data_dir=args.data_dir, n_samples=args.n_samples, sampler=args.sampler,
                           steps=args.steps, eta=args.eta, churn=args.churn, seed=args.sample_seed or 0,
-                          digit=args.digit, guidance=args.guidance, interval=args.interval, device=device, amp=amp,
+                          digit=args.digit, guidance=args.guidance, interval=args.interval, guide=args.guide,
+                          device=device, amp=amp,
                           compile=args.compile, dataset=args.dataset)
 
 

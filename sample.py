@@ -53,6 +53,7 @@ class SampleSettings:
     digit: Optional[int] = None  # a grid of one digit (labelled runs)
     guidance: Optional[float] = None  # default DEFAULT_GUIDANCE for labelled runs; 0 draws with no label
     interval: Optional[tuple] = None  # the timesteps (lo, hi) where guidance applies, default default_interval(T)
+    guide: Optional[str] = None  # a weaker checkpoint to guide away from instead of the unconditional branch
     device: torch.device = torch.device("cpu")
     amp: Optional[torch.dtype] = None
     compile: bool = False
@@ -108,7 +109,7 @@ def default_interval(timesteps):
     return tuple(round(share * timesteps) for share in DEFAULT_INTERVAL_SHARE)
 
 
-def denoiser(model, device, amp, interval=EVERYWHERE):
+def denoiser(model, device, amp, interval=EVERYWHERE, guide=None):
     """model as an eps(x, t, y=None, w=1) function, under autocast when amp is set.
 
     With labels y and guidance w, classifier-free guidance (Ho & Salimans 2022, with w shifted by one):
@@ -116,6 +117,11 @@ def denoiser(model, device, amp, interval=EVERYWHERE):
     from one network call on the batch stacked twice. Guidance applies only at timesteps inside interval
     (lo, hi); elsewhere the conditional output is used alone (Kynkaanniemi et al. 2024, "Applying guidance
     in a limited interval"): guidance at high noise mostly costs variety, at low noise it does little.
+
+    With a guide network (autoguidance, Karras et al. 2024, "Guiding a diffusion model with a bad version of
+    itself"), guidance pushes away from the guide's conditional output instead of the unconditional one:
+    eps_g + w (eps_c - eps_g). The two networks must share their objective and schedule (load_sampler checks),
+    so the combination means the same in eps, x0 or mean units.
     """
     no_label = model.cfg.num_classes  # the "no label" entry (a compiled model passes cfg through)
     lo, hi = interval
@@ -129,9 +135,12 @@ def denoiser(model, device, amp, interval=EVERYWHERE):
                 return model(x, t, None).float()
             if w == 1:
                 return model(x, t, y).float()
-            eps = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, no_label)]))
-        cond, uncond = eps.float().chunk(2)  # (B, 1, 28, 28) each
-        return uncond + w * (cond - uncond)
+            if guide is not None:
+                cond, away = model(x, t, y).float(), guide(x, t, y).float()
+            else:
+                eps = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, no_label)]))
+                cond, away = eps.float().chunk(2)  # (B, 1, 28, 28) each
+        return away + w * (cond - away)
     return denoise
 
 
@@ -172,6 +181,7 @@ class Sampler:
     device: torch.device
     sampler: str = DEFAULT_SAMPLER  # the plan's name, one of SAMPLERS
     dataset: str = "mnist"  # what the checkpoint was trained on (data.DATASETS)
+    guide: Optional[str] = None  # the checkpoint guidance pushes away from, if not the unconditional branch
 
     def labels(self, n, seed, digit=None):
         """What to ask for, (n,) or None: digit, else each image's digit drawn from the class prior; None
@@ -213,9 +223,7 @@ def load_sampler(s):
         raise UserError(f"{s.checkpoint} predicts the posterior mean of x_(t-1), which gives x_0 only divided by a "
                         f"coefficient as small as 1e-4, so a sampler that skips steps blows its error up into "
                         f"noise (docs/variants.md); use --sampler ddpm, its default, without --steps or --eta")
-    model = build_network(ckpt["model_config"]).to(s.device)
-    model.load_state_dict(ckpt["ema"])  # the EMA weights: what every sample and figure is drawn with
-    model.eval()
+    model = ema_network(ckpt, s.device)
     labelled = model.cfg.num_classes > 0
     given = [f for f, v in (("--digit", s.digit), ("--guidance", s.guidance), ("--guidance-interval", s.interval))
              if v is not None]
@@ -230,10 +238,46 @@ def load_sampler(s):
     what = "unconditional" if not labelled else "labelled, no label" if guidance == 0 else (
         f"labelled, guidance {guidance:g}" + (f" at t in [{interval[0]}, {interval[1]}]"
                                               if interval[0] > 0 or interval[1] < diffusion.timesteps - 1 else ""))
+    guide = s.guide and load_guide(s.guide, ckpt, diffusion, labelled, guidance, s.device)
+    if guide:
+        what += f", away from {s.guide} (step {guide[1]})"
     print(f"{s.checkpoint}: epoch {ckpt['epoch']}, step {ckpt['step']}, {what}; {plan.describe(sampler)}; "
           f"{s.device.type}, {'bf16' if s.amp else 'fp32'}")
-    denoise = denoiser(maybe_compile(model, s.compile), s.device, s.amp, interval)
-    return Sampler(s.checkpoint, ckpt, diffusion, denoise, plan, guidance, interval, s.device, sampler, dataset)
+    denoise = denoiser(maybe_compile(model, s.compile), s.device, s.amp, interval,
+                       guide and maybe_compile(guide[0], s.compile))
+    return Sampler(s.checkpoint, ckpt, diffusion, denoise, plan, guidance, interval, s.device, sampler, dataset,
+                   s.guide)
+
+
+def ema_network(ckpt, device):
+    """A checkpoint's network with its EMA weights (what every sample and figure is drawn with), for inference."""
+    model = build_network(ckpt["model_config"]).to(device)
+    model.load_state_dict(ckpt["ema"])
+    return model.eval()
+
+
+def load_guide(path, ckpt, diffusion, labelled, guidance, device):
+    """(network, step) of the guide checkpoint at path, checked to fit the checkpoint ckpt it guides: labelled
+    like it, on the same data, with the same objective and noise schedule, so their outputs mix."""
+    if not labelled:
+        raise UserError("--guide-checkpoint steers a labelled checkpoint's guidance, and this one was trained "
+                        "without labels; drop --guide-checkpoint")
+    if guidance in (0, 1):
+        raise UserError(f"--guidance {guidance:g} draws without guidance, so --guide-checkpoint has nothing to do; "
+                        f"drop it or give --guidance above 1")
+    other = load_checkpoint(path, "--guide-checkpoint")
+    mine, theirs = Diffusion(**ckpt["diffusion_config"]).config(), Diffusion(**other["diffusion_config"]).config()
+    differ = [k for k in ("timesteps", "beta_start", "beta_end", "objective", "mean_skip") if mine[k] != theirs[k]]
+    data = ckpt["train_config"].get("dataset", "mnist"), other["train_config"].get("dataset", "mnist")
+    if data[0] != data[1]:
+        differ.insert(0, "dataset")
+    if other["model_config"].get("num_classes", 0) != ckpt["model_config"].get("num_classes", 0):
+        differ.append("labels")
+    if differ:
+        raise UserError(f"the guide {path} differs from the checkpoint in {', '.join(differ)}, so their outputs "
+                        f"do not mix; pick a guide trained with the same settings (an earlier checkpoint of the "
+                        f"same run, or a shorter or smaller run)")
+    return ema_network(other, device), other["step"]
 
 
 def sample(s):

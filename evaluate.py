@@ -223,7 +223,8 @@ def evaluate(s, cache_dir):
     rows = {"samples": samples, "real": judge.floor(n, s.seed)}
     result = {"checkpoint": sp.path, "epoch": sp.ckpt["epoch"], "step": sp.ckpt["step"], "sampler": sp.sampler,
               **sp.plan.kwargs(), "n": n, "seed": s.seed, "sampling_seconds": round(seconds, 1),
-              "classifier_accuracy": judge.accuracy, "guidance": sp.guidance, "guide": sp.guide}
+              "classifier_accuracy": judge.accuracy, "guidance": sp.guidance, "guide": sp.guide,
+              "guide_weight": sp.guide_weight}
     if asked is not None:
         per_digit = as_asked(drawn, asked)
         result.update(as_asked=per_digit, interval=list(sp.interval))

@@ -20,7 +20,8 @@ from errors import UserError
 from evaluate import evaluate
 from hardware import pick_hardware
 from model import UNetConfig
-from sample import DEFAULT_GUIDANCE, DEFAULT_INTERVAL_SHARE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, SampleSettings, sample
+from sample import (DEFAULT_GUIDANCE, DEFAULT_GUIDE_WEIGHT, DEFAULT_INTERVAL_SHARE, DEFAULT_SAMPLER, DEFAULT_STEPS,
+                    SAMPLERS, SampleSettings, sample)
 from train import DEFAULT_EPOCHS, DEFAULTS, TrainSettings, train
 
 # Flags a mode would ignore are refused rather than silently dropped.
@@ -28,7 +29,7 @@ from train import DEFAULT_EPOCHS, DEFAULTS, TrainSettings, train
 TRAINING_FLAGS = (*(k for k in DEFAULTS if k != "dataset"), "epochs", "minutes", "train_steps", "resume", "keep",
                   "eval_every")
 SAMPLING_FLAGS = ("n_samples", "sampler", "steps", "eta", "churn", "sample_seed", "digit", "guidance", "interval",
-                  "guide")
+                  "guide", "guide_weight")
 
 
 class Parser(argparse.ArgumentParser):
@@ -206,9 +207,11 @@ def build_parser():
                         f"guides everywhere (default {DEFAULT_INTERVAL_SHARE[0]:g}T,{DEFAULT_INTERVAL_SHARE[1]:g}T: "
                         f"100,600 for T=1000)")
     g.add_argument("--guide-checkpoint", dest="guide", metavar="PATH",
-                   help="autoguidance: guide away from this weaker checkpoint's digits (an earlier or smaller run "
-                        "with the same objective and schedule) instead of the unconditional branch: "
-                        "eps_g + W (eps_c - eps_g) (default: none)")
+                   help="autoguidance: also push away from this weaker checkpoint's output at every step (an "
+                        "earlier or shorter run with the same objective and schedule; default: none)")
+    g.add_argument("--guide-weight", type=guidance_weight, metavar="A",
+                   help=f"autoguidance weight: eps + (A - 1) (eps_c - eps_guide); 1 is off "
+                        f"(default {DEFAULT_GUIDE_WEIGHT:g} with --guide-checkpoint)")
     g.add_argument("--sample-seed", type=int, metavar="S",
                    help="same seed and checkpoint, same images (default 0)")
     return p
@@ -244,6 +247,7 @@ def sample_settings(args, device, amp):
                           data_dir=args.data_dir, n_samples=args.n_samples, sampler=args.sampler,
                           steps=args.steps, eta=args.eta, churn=args.churn, seed=args.sample_seed or 0,
                           digit=args.digit, guidance=args.guidance, interval=args.interval, guide=args.guide,
+                          guide_weight=args.guide_weight,
                           device=device, amp=amp,
                           compile=args.compile, dataset=args.dataset)
 

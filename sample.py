@@ -26,6 +26,7 @@ from hardware import autocast, maybe_compile
 from model import build_network
 
 DEFAULT_GUIDANCE = 1.5  # classifier-free guidance weight W; 1 is plain conditional, 0 unconditional
+DEFAULT_GUIDE_WEIGHT = 2.0  # autoguidance weight with --guide-checkpoint (docs/sampling.md)
 # Guidance applies where lo <= t <= hi (Kynkaanniemi et al. 2024), by default at t from 10% to 60% of T:
 # for T = 1000, [100, 600], about EDM2's sigma 0.28 to 5.4 (docs/sampling.md).
 DEFAULT_INTERVAL_SHARE = (0.1, 0.6)
@@ -53,7 +54,8 @@ class SampleSettings:
     digit: Optional[int] = None  # a grid of one digit (labelled runs)
     guidance: Optional[float] = None  # default DEFAULT_GUIDANCE for labelled runs; 0 draws with no label
     interval: Optional[tuple] = None  # the timesteps (lo, hi) where guidance applies, default default_interval(T)
-    guide: Optional[str] = None  # a weaker checkpoint to guide away from instead of the unconditional branch
+    guide: Optional[str] = None  # a weaker checkpoint to guide away from (autoguidance), at every timestep
+    guide_weight: Optional[float] = None  # its weight, default DEFAULT_GUIDE_WEIGHT; 1 turns it off
     device: torch.device = torch.device("cpu")
     amp: Optional[torch.dtype] = None
     compile: bool = False
@@ -109,7 +111,7 @@ def default_interval(timesteps):
     return tuple(round(share * timesteps) for share in DEFAULT_INTERVAL_SHARE)
 
 
-def denoiser(model, device, amp, interval=EVERYWHERE, guide=None):
+def denoiser(model, device, amp, interval=EVERYWHERE, guide=None, guide_weight=DEFAULT_GUIDE_WEIGHT):
     """model as an eps(x, t, y=None, w=1) function, under autocast when amp is set.
 
     With labels y and guidance w, classifier-free guidance (Ho & Salimans 2022, with w shifted by one):
@@ -118,10 +120,11 @@ def denoiser(model, device, amp, interval=EVERYWHERE, guide=None):
     (lo, hi); elsewhere the conditional output is used alone (Kynkaanniemi et al. 2024, "Applying guidance
     in a limited interval"): guidance at high noise mostly costs variety, at low noise it does little.
 
-    With a guide network (autoguidance, Karras et al. 2024, "Guiding a diffusion model with a bad version of
-    itself"), guidance pushes away from the guide's conditional output instead of the unconditional one:
-    eps_g + w (eps_c - eps_g). The two networks must share their objective and schedule (load_sampler checks),
-    so the combination means the same in eps, x0 or mean units.
+    With a guide network, autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of
+    itself") adds guide_weight - 1 times the step away from the guide's output for the same label (or none)
+    at every timestep: eps + (a - 1) (eps_c - eps_g). The guide, a weaker network, makes the same errors more
+    strongly, so the push corrects them without the variety that the label's push costs. The two networks share
+    their objective and schedule (load_guide checks), so the sum means the same in eps, x0 or mean units.
     """
     no_label = model.cfg.num_classes  # the "no label" entry (a compiled model passes cfg through)
     lo, hi = interval
@@ -130,17 +133,18 @@ def denoiser(model, device, amp, interval=EVERYWHERE, guide=None):
     def denoise(x, t, y=None, w=1.0):
         if limited and w not in (0, 1) and not lo <= float(t[0]) <= hi:
             w = 1.0  # outside the interval: conditional, one network call
+        if y is None or w == 0:
+            y, w = None, 1.0  # unconditional: the network's own output, autoguided like a conditional one
         with autocast(device, amp):
-            if y is None or w == 0:
-                return model(x, t, None).float()
             if w == 1:
-                return model(x, t, y).float()
-            if guide is not None:
-                cond, away = model(x, t, y).float(), guide(x, t, y).float()
+                out = cond = model(x, t, y).float()
             else:
                 eps = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, no_label)]))
-                cond, away = eps.float().chunk(2)  # (B, 1, 28, 28) each
-        return away + w * (cond - away)
+                cond, uncond = eps.float().chunk(2)  # (B, 1, 28, 28) each
+                out = uncond + w * (cond - uncond)
+            if guide is not None:
+                out = out + (guide_weight - 1) * (cond - guide(x, t, y).float())
+        return out
     return denoise
 
 
@@ -181,7 +185,8 @@ class Sampler:
     device: torch.device
     sampler: str = DEFAULT_SAMPLER  # the plan's name, one of SAMPLERS
     dataset: str = "mnist"  # what the checkpoint was trained on (data.DATASETS)
-    guide: Optional[str] = None  # the checkpoint guidance pushes away from, if not the unconditional branch
+    guide: Optional[str] = None  # the weaker checkpoint autoguidance pushes away from, if any
+    guide_weight: Optional[float] = None  # its weight, None without a guide
 
     def labels(self, n, seed, digit=None):
         """What to ask for, (n,) or None: digit, else each image's digit drawn from the class prior; None
@@ -238,15 +243,21 @@ def load_sampler(s):
     what = "unconditional" if not labelled else "labelled, no label" if guidance == 0 else (
         f"labelled, guidance {guidance:g}" + (f" at t in [{interval[0]}, {interval[1]}]"
                                               if interval[0] > 0 or interval[1] < diffusion.timesteps - 1 else ""))
-    guide = s.guide and load_guide(s.guide, ckpt, diffusion, labelled, guidance, s.device)
+    if s.guide_weight is not None and not s.guide:
+        raise UserError("--guide-weight weighs the step away from --guide-checkpoint; give a guide or drop it")
+    guide_weight = DEFAULT_GUIDE_WEIGHT if s.guide_weight is None else s.guide_weight
+    if s.guide and guide_weight == 1:
+        raise UserError("--guide-weight 1 turns autoguidance off, so --guide-checkpoint has nothing to do; drop "
+                        "it or give a weight above 1")
+    guide = s.guide and load_guide(s.guide, ckpt, s.device)
     if guide:
-        what += f", away from {s.guide} (step {guide[1]})"
+        what += f", autoguidance {guide_weight:g} away from {s.guide} (step {guide[1]})"
     print(f"{s.checkpoint}: epoch {ckpt['epoch']}, step {ckpt['step']}, {what}; {plan.describe(sampler)}; "
           f"{s.device.type}, {'bf16' if s.amp else 'fp32'}")
     denoise = denoiser(maybe_compile(model, s.compile), s.device, s.amp, interval,
-                       guide and maybe_compile(guide[0], s.compile))
+                       guide and maybe_compile(guide[0], s.compile), guide_weight)
     return Sampler(s.checkpoint, ckpt, diffusion, denoise, plan, guidance, interval, s.device, sampler, dataset,
-                   s.guide)
+                   s.guide, guide_weight if s.guide else None)
 
 
 def ema_network(ckpt, device):
@@ -256,15 +267,9 @@ def ema_network(ckpt, device):
     return model.eval()
 
 
-def load_guide(path, ckpt, diffusion, labelled, guidance, device):
+def load_guide(path, ckpt, device):
     """(network, step) of the guide checkpoint at path, checked to fit the checkpoint ckpt it guides: labelled
     like it, on the same data, with the same objective and noise schedule, so their outputs mix."""
-    if not labelled:
-        raise UserError("--guide-checkpoint steers a labelled checkpoint's guidance, and this one was trained "
-                        "without labels; drop --guide-checkpoint")
-    if guidance in (0, 1):
-        raise UserError(f"--guidance {guidance:g} draws without guidance, so --guide-checkpoint has nothing to do; "
-                        f"drop it or give --guidance above 1")
     other = load_checkpoint(path, "--guide-checkpoint")
     mine, theirs = Diffusion(**ckpt["diffusion_config"]).config(), Diffusion(**other["diffusion_config"]).config()
     differ = [k for k in ("timesteps", "beta_start", "beta_end", "objective", "mean_skip") if mine[k] != theirs[k]]

@@ -147,30 +147,33 @@ def test_default_sampling_guides_only_from_a_tenth_to_six_tenths_of_t(trained, m
     assert sorted(t for b, t in calls if b == 4) == [0, 1, *range(13, 20)]
 
 
-def test_autoguidance_pushes_away_from_the_guide_inside_the_interval():
+def test_autoguidance_adds_the_step_away_from_the_guide_at_every_timestep():
     net, x, y = labelled_net(), torch.randn(3, 1, 28, 28), torch.tensor([0, 4, 9])
     torch.manual_seed(1)
     guide = UNet(UNetConfig(channels=(8, 16, 32), blocks=(1, 1, 1), num_classes=10))
     for p in guide.parameters():
         torch.nn.init.normal_(p, std=0.2)
     guide.eval()
-    calls = []
-    guide.register_forward_hook(lambda m, inputs, out: calls.append(int(inputs[1][0])))
-    denoise = sample.denoiser(net, torch.device("cpu"), None, interval=(5, 10), guide=guide)
+    seen = []
+    guide.register_forward_hook(lambda m, inputs, out: seen.append(inputs[2]))
+    denoise = sample.denoiser(net, torch.device("cpu"), None, interval=(5, 10), guide=guide, guide_weight=2.5)
     with torch.no_grad():
-        for step, guided in ((4, False), (5, True), (10, True), (11, False)):
+        for step, in_interval in ((4, False), (5, True), (10, True), (11, False)):
             t = torch.full((3,), step)
-            cond, away, uncond = net(x, t, y), guide(x, t, y), net(x, t)
-            calls.clear()
-            expected = away + 2.0 * (cond - away) if guided else cond
-            torch.testing.assert_close(denoise(x, t, y, 2.0), expected, rtol=1e-4, atol=1e-5)
-            assert calls == ([step] if guided else [])  # the guide runs only where guidance applies
-            assert not torch.allclose(expected, uncond + 2.0 * (cond - uncond), atol=1e-3) or not guided
-        assert torch.equal(denoise(x, t, y, 0.0), uncond)  # W = 0 is still "no label"
+            cond, uncond, away = net(x, t, y), net(x, t), guide(x, t, y)
+            cfg = uncond + 2.0 * (cond - uncond) if in_interval else cond  # the label's push: in the interval
+            torch.testing.assert_close(denoise(x, t, y, 2.0), cfg + 1.5 * (cond - away), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(denoise(x, t, y, 1.0), cond + 1.5 * (cond - away), rtol=1e-4, atol=1e-5)
+        seen.clear()
+        unlabelled = uncond + 1.5 * (uncond - guide(x, t, None))  # no label: the guide runs without one too
+        torch.testing.assert_close(denoise(x, t, y, 0.0), unlabelled, rtol=1e-4, atol=1e-5)
+        assert seen[-1] is None
+        plain = sample.denoiser(net, torch.device("cpu"), None, interval=(5, 10))
+        assert torch.equal(plain(x, t, y, 2.0), cond)  # no guide: no autoguidance term
 
 
 def test_a_checkpoint_guided_by_itself_draws_its_plain_conditional_digits(trained, tmp_path):
-    """eps_g + W (eps_c - eps_g) with g = c is eps_c: the same images as --guidance 1, whatever W."""
+    """eps_c + (A - 1) (eps_c - eps_g) with g = c is eps_c: the same images as without a guide, whatever A."""
     ckpt = load_checkpoint(trained["checkpoint"])
     torch.manual_seed(0)  # random everywhere: the zero-initialised layers of a 4-step run would hide the label
     ckpt["ema"] = {k: torch.randn_like(v) * 0.2 if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
@@ -180,8 +183,24 @@ def test_a_checkpoint_guided_by_itself_draws_its_plain_conditional_digits(traine
     def draw(**kw):
         sp = sample.load_sampler(sample.SampleSettings(checkpoint=path, steps=4, interval=sample.EVERYWHERE, **kw))
         return sp.generate(6, 0, labels=sp.labels(6, 0))
-    plain, itself = draw(guidance=1.0), draw(guidance=3.0, guide=path)
+    plain, itself = draw(guidance=1.0), draw(guidance=1.0, guide=path, guide_weight=3.0)
     assert torch.equal(itself, plain) and not torch.allclose(draw(guidance=3.0), plain, atol=1e-3)
+
+
+def test_an_unlabelled_checkpoint_is_autoguided_too(unlabelled, tmp_path):
+    ckpt = load_checkpoint(unlabelled)
+    torch.manual_seed(0)
+    ckpt["ema"] = {k: torch.randn_like(v) * 0.2 if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
+    weaker = str(tmp_path / "weaker.pt")
+    torch.save(ckpt, weaker)
+
+    def draw(**kw):
+        sp = sample.load_sampler(sample.SampleSettings(checkpoint=unlabelled, steps=4, **kw))
+        assert sp.labels(4, 0) is None
+        return sp.generate(4, 0)
+    plain = draw()
+    assert torch.equal(draw(guide=unlabelled, guide_weight=3.0), plain)
+    assert not torch.allclose(draw(guide=weaker, guide_weight=3.0), plain, atol=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -197,21 +216,22 @@ def eps_twin(trained, tmp_path_factory):
 @pytest.mark.parametrize("case, expect", [
     ("unlabelled guide", "differs from the checkpoint in labels"),
     ("objective", "differs from the checkpoint in objective"),
-    ("guidance 1", "--guidance 1 draws without guidance, so --guide-checkpoint"),
-    ("unlabelled main", "trained without labels; drop --guide-checkpoint"),
+    ("weight 1", "--guide-weight 1 turns autoguidance off, so --guide-checkpoint"),
+    ("unlabelled main", "differs from the checkpoint in labels"),
+    ("weight alone", "--guide-weight weighs the step away from --guide-checkpoint"),
     ("missing", "given to --guide-checkpoint"),
 ])
 def test_a_guide_that_cannot_apply_is_one_line(capsys, trained, unlabelled, eps_twin, mnist_root, tmp_path, case,
                                                expect):
     main, guide, extra = trained["checkpoint"], {"unlabelled guide": unlabelled, "objective": eps_twin,
                                                  "missing": str(tmp_path / "nope.pt")}.get(case, trained["checkpoint"]), []
-    if case == "guidance 1":
-        extra = ["--guidance", "1"]
+    if case in ("weight 1", "weight alone"):
+        extra = ["--guide-weight", "1"]
     if case == "unlabelled main":
         main, guide = unlabelled, trained["checkpoint"]
     out = tmp_path / "out"
-    argv = ["--mode", "sample", "--checkpoint", main, "--guide-checkpoint", guide, "--data-dir", mnist_root,
-            "--device", "cpu", "--out-dir", str(out), *extra]
+    argv = ["--mode", "sample", "--checkpoint", main, "--data-dir", mnist_root, "--device", "cpu", "--out-dir",
+            str(out), *([] if case == "weight alone" else ["--guide-checkpoint", guide]), *extra]
     assert run.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and expect in err and "\n" not in err and not out.exists()

@@ -30,6 +30,7 @@ TRAINING_FLAGS = (*(k for k in DEFAULTS if k != "dataset"), "epochs", "minutes",
                   "eval_every")
 SAMPLING_FLAGS = ("n_samples", "sampler", "steps", "eta", "churn", "sample_seed", "digit", "guidance", "interval",
                   "guide", "guide_weight")
+FLAG_NAMES = {"conditional": "--unconditional", "interval": "--guidance-interval", "guide": "--guide-checkpoint"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -74,6 +75,7 @@ decay_rate = number_type(lambda v: 0 < v < 1, "a number between 0 and 1, like 0.
 # A power-function profile averages at most the whole run so far (gamma -> 0): a relative std of sqrt(1/12).
 ema_length = number_type(lambda v: 0 < v < 0.288, "a share of the run between 0 and 0.288, like 0.1")
 guidance_weight = number_type(lambda v: 0 <= v <= 100, "a number from 0 to 100 (1 = plain conditional)")
+guide_weight = number_type(lambda v: 1 < v <= 100, "a number above 1 and at most 100 (1 would turn autoguidance off)")
 
 
 def int_list(s):
@@ -208,9 +210,9 @@ def build_parser():
                         f"100,600 for T=1000)")
     g.add_argument("--guide-checkpoint", dest="guide", metavar="PATH",
                    help="autoguidance: also push away from this weaker checkpoint's output at every step (an "
-                        "earlier or shorter run with the same objective and schedule; default: none)")
-    g.add_argument("--guide-weight", type=guidance_weight, metavar="A",
-                   help=f"autoguidance weight: eps + (A - 1) (eps_c - eps_guide); 1 is off "
+                        "earlier or shorter run with the same objective, schedule, labels and data; default: none)")
+    g.add_argument("--guide-weight", type=guide_weight, metavar="A",
+                   help=f"autoguidance weight: eps + (A - 1) (eps_c - eps_guide), above 1 "
                         f"(default {DEFAULT_GUIDE_WEIGHT:g} with --guide-checkpoint)")
     g.add_argument("--sample-seed", type=int, metavar="S",
                    help="same seed and checkpoint, same images (default 0)")
@@ -222,7 +224,7 @@ def check_mode_flags(args):
     wrong = SAMPLING_FLAGS if args.mode == "train" else TRAINING_FLAGS
     given = [k for k in wrong if getattr(args, k) is not None]
     if given:
-        flag = "--unconditional" if given[0] == "conditional" else "--" + given[0].replace("_", "-")
+        flag = FLAG_NAMES.get(given[0], "--" + given[0].replace("_", "-"))
         kind = "sampling" if args.mode == "train" else "training"
         raise UserError(f"{flag} is a {kind} flag and does nothing in --mode {args.mode}; drop it", everywhere=True)
 

@@ -243,21 +243,21 @@ def load_sampler(s):
     what = "unconditional" if not labelled else "labelled, no label" if guidance == 0 else (
         f"labelled, guidance {guidance:g}" + (f" at t in [{interval[0]}, {interval[1]}]"
                                               if interval[0] > 0 or interval[1] < diffusion.timesteps - 1 else ""))
-    if s.guide_weight is not None and not s.guide:
+    if s.guide_weight is not None and s.guide is None:
         raise UserError("--guide-weight weighs the step away from --guide-checkpoint; give a guide or drop it")
     guide_weight = DEFAULT_GUIDE_WEIGHT if s.guide_weight is None else s.guide_weight
-    if s.guide and guide_weight == 1:
-        raise UserError("--guide-weight 1 turns autoguidance off, so --guide-checkpoint has nothing to do; drop "
-                        "it or give a weight above 1")
-    guide = s.guide and load_guide(s.guide, ckpt, s.device)
-    if guide:
-        what += f", autoguidance {guide_weight:g} away from {s.guide} (step {guide[1]})"
+    if s.guide is not None and not 1 < guide_weight <= 100:
+        raise UserError(f"--guide-weight must be above 1 (1 turns autoguidance off, below 1 pulls towards the weaker "
+                        f"checkpoint) and at most 100, got {guide_weight:g}")
+    guide_net, guide_step = load_guide(s.guide, ckpt, s.device) if s.guide is not None else (None, None)
+    if guide_net is not None:
+        what += f", autoguidance {guide_weight:g} away from {s.guide} (step {guide_step})"
     print(f"{s.checkpoint}: epoch {ckpt['epoch']}, step {ckpt['step']}, {what}; {plan.describe(sampler)}; "
           f"{s.device.type}, {'bf16' if s.amp else 'fp32'}")
     denoise = denoiser(maybe_compile(model, s.compile), s.device, s.amp, interval,
-                       guide and maybe_compile(guide[0], s.compile), guide_weight)
+                       guide_net and maybe_compile(guide_net, s.compile), guide_weight)
     return Sampler(s.checkpoint, ckpt, diffusion, denoise, plan, guidance, interval, s.device, sampler, dataset,
-                   s.guide, guide_weight if s.guide else None)
+                   s.guide, guide_weight if s.guide is not None else None)
 
 
 def ema_network(ckpt, device):
@@ -272,7 +272,8 @@ def load_guide(path, ckpt, device):
     like it, on the same data, with the same objective and noise schedule, so their outputs mix."""
     other = load_checkpoint(path, "--guide-checkpoint")
     mine, theirs = Diffusion(**ckpt["diffusion_config"]).config(), Diffusion(**other["diffusion_config"]).config()
-    differ = [k for k in ("timesteps", "beta_start", "beta_end", "objective", "mean_skip") if mine[k] != theirs[k]]
+    keys = ("timesteps", "beta_start", "beta_end", "objective") + (("mean_skip",) if mine["objective"] == "mean" else ())
+    differ = [k for k in keys if mine[k] != theirs[k]]
     data = ckpt["train_config"].get("dataset", "mnist"), other["train_config"].get("dataset", "mnist")
     if data[0] != data[1]:
         differ.insert(0, "dataset")
@@ -298,6 +299,7 @@ def sample(s):
     out = lambda name: os.path.join(s.out_dir, name)  # noqa: E731
     write_atomic(out("sample.png"), lambda f: figures.grid(x, math.ceil(math.sqrt(n))).save(f, format="PNG"))
     what = "" if s.digit is None else f", digit {s.digit}, guidance {sp.guidance:g}"
+    what += "" if sp.guide is None else f", autoguidance {sp.guide_weight:g}"
     save_figure(figures.strips(strip, strip_labels, f"reverse process, {sp.plan.describe(sp.sampler)}{what}"),
                 out("process.png"))
     frames = figures.animation(anim, math.ceil(math.sqrt(anim.shape[1])))

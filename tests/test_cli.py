@@ -74,6 +74,12 @@ def args(workspace, *argv):
     (["--mode", "sample", "--guidance-interval", "600,100"], "--guidance-interval: must be two timesteps"),
     (["--mode", "sample", "--digit", "3", "--guidance", "0"], "--guidance 0 draws with none"),
     (["--mode", "train", "--churn", "5"], "--churn is a sampling flag"),
+    (["--mode", "train", "--guidance-interval", "1,5"], "--guidance-interval is a sampling flag"),
+    (["--mode", "train", "--guide-checkpoint", "g.pt"], "--guide-checkpoint is a sampling flag"),
+    (["--mode", "sample", "--guide-checkpoint", "g.pt", "--guide-weight", "0.5"], "--guide-weight: must be a number "
+                                                                                   "above 1 and at most 100"),
+    (["--mode", "sample", "--guide-checkpoint", ""], "checkpoint  does not exist; check the path given to "
+                                                     "--guide-checkpoint"),
     (["--mode", "sample", "--digit", "10"], "--digit: invalid choice: 10"),
     (["--mode", "sample", "--guidance", "-1"], "--guidance: must be a number from 0 to 100"),
     (["--mode", "train", "--label-dropout", "1"], "--label-dropout: must be a number from 0 up to"),

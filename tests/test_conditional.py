@@ -11,6 +11,7 @@ import train as training
 from ckpt import latest_checkpoint, load_checkpoint
 from conftest import TINY
 from diffusion import Diffusion
+from errors import UserError
 from model import UNet, UNetConfig
 
 
@@ -180,11 +181,22 @@ def test_a_checkpoint_guided_by_itself_draws_its_plain_conditional_digits(traine
     path = str(tmp_path / "random.pt")
     torch.save(ckpt, path)
 
+    ckpt["ema"] = {k: v * 0.5 if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
+    weaker = str(tmp_path / "weaker.pt")
+    torch.save(ckpt, weaker)
+
     def draw(**kw):
         sp = sample.load_sampler(sample.SampleSettings(checkpoint=path, steps=4, interval=sample.EVERYWHERE, **kw))
-        return sp.generate(6, 0, labels=sp.labels(6, 0))
-    plain, itself = draw(guidance=1.0), draw(guidance=1.0, guide=path, guide_weight=3.0)
-    assert torch.equal(itself, plain) and not torch.allclose(draw(guidance=3.0), plain, atol=1e-3)
+        return sp.generate(6, 0, labels=sp.labels(6, 0)), sp
+    (plain, sp), (itself, _) = draw(guidance=1.0), draw(guidance=1.0, guide=path, guide_weight=3.0)
+    assert torch.equal(itself, plain) and not torch.allclose(draw(guidance=3.0)[0], plain, atol=1e-3)
+    # A weaker guide: the images are those of the denoiser built by hand from the two EMA networks.
+    (guided, _), (twice, _) = draw(guidance=1.5, guide=weaker, guide_weight=3.0), draw(guidance=1.5, guide=weaker)
+    by_hand = sample.denoiser(sample.ema_network(load_checkpoint(path), sp.device), sp.device, None, sample.EVERYWHERE,
+                              sample.ema_network(ckpt, sp.device), 3.0)
+    expected = sample.generate(by_hand, sp.diffusion, 6, sp.plan, sp.device, 0, sp.labels(6, 0), 1.5)
+    torch.testing.assert_close(guided, expected)
+    assert not torch.allclose(guided, twice, atol=1e-3)  # the weight asked for, not the default 2
 
 
 def test_an_unlabelled_checkpoint_is_autoguided_too(unlabelled, tmp_path):
@@ -216,7 +228,7 @@ def eps_twin(trained, tmp_path_factory):
 @pytest.mark.parametrize("case, expect", [
     ("unlabelled guide", "differs from the checkpoint in labels"),
     ("objective", "differs from the checkpoint in objective"),
-    ("weight 1", "--guide-weight 1 turns autoguidance off, so --guide-checkpoint"),
+    ("weight 1", "--guide-weight: must be a number above 1"),
     ("unlabelled main", "differs from the checkpoint in labels"),
     ("weight alone", "--guide-weight weighs the step away from --guide-checkpoint"),
     ("missing", "given to --guide-checkpoint"),
@@ -226,7 +238,7 @@ def test_a_guide_that_cannot_apply_is_one_line(capsys, trained, unlabelled, eps_
     main, guide, extra = trained["checkpoint"], {"unlabelled guide": unlabelled, "objective": eps_twin,
                                                  "missing": str(tmp_path / "nope.pt")}.get(case, trained["checkpoint"]), []
     if case in ("weight 1", "weight alone"):
-        extra = ["--guide-weight", "1"]
+        extra = ["--guide-weight", "1" if case == "weight 1" else "2"]
     if case == "unlabelled main":
         main, guide = unlabelled, trained["checkpoint"]
     out = tmp_path / "out"
@@ -235,3 +247,9 @@ def test_a_guide_that_cannot_apply_is_one_line(capsys, trained, unlabelled, eps_
     assert run.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and expect in err and "\n" not in err and not out.exists()
+
+
+def test_a_guide_weight_that_turns_autoguidance_off_is_refused_below_the_cli(trained):
+    with pytest.raises(UserError, match="--guide-weight must be above 1"):
+        sample.load_sampler(sample.SampleSettings(checkpoint=trained["checkpoint"], guide=trained["checkpoint"],
+                                                  guide_weight=1.0))

@@ -104,6 +104,13 @@ def test_eval_mode_writes_a_report(workspace):
         assert sum(report[row]["histogram"]) == 40
     # The tiny run is labelled: its samples ask for digits from the class prior, guided, as sample.png does.
     assert report["guidance"] == sample.DEFAULT_GUIDANCE and len(report["as_asked"]) == 10
+    assert report["guide"] is None and report["guide_weight"] is None
+    guide = latest_checkpoint(workspace["ckpt_dir"])
+    assert run.main(["--mode", "eval", "--n-samples", "40", "--steps", "3", "--data-dir", workspace["data_dir"],
+                     "--ckpt-dir", workspace["ckpt_dir"], "--out-dir", out, "--device", "cpu", "--precision", "fp32",
+                     "--guide-checkpoint", guide, "--guide-weight", "3"]) == 0
+    report = json.load(open(os.path.join(out, "eval.json")))
+    assert report["guide"] == guide and report["guide_weight"] == 3
 
 
 def test_eval_every_adds_quality_to_the_training_log(workspace):

@@ -124,9 +124,8 @@ VARIANTS = {
     "l1 loss": {"loss": "l1"},
     "mlp": {"arch": "mlp"},
 }
-MLP_SHAPES = {f"mlp {w} x {d}": {"arch": "mlp", "width": w, "depth": d}
+MLP_SHAPES = {f"mlp {w} x {d}": {"arch": "mlp", "width": w, "depth": d}  # width x residual blocks
               for w, d in [(256, 3), (384, 3), (512, 3), (1024, 3), (1024, 5), (2048, 3), (2048, 5)]}
-# (width x residual blocks)
 KNOWN = {**LEVERS, **VARIANTS, **MLP_SHAPES}
 
 # Issue 14's screen: solver, steps and guidance, on one checkpoint (fields of SampleSettings).

@@ -75,7 +75,6 @@ decay_rate = number_type(lambda v: 0 < v < 1, "a number between 0 and 1, like 0.
 # A power-function profile averages at most the whole run so far (gamma -> 0): a relative std of sqrt(1/12).
 ema_length = number_type(lambda v: 0 < v < 0.288, "a share of the run between 0 and 0.288, like 0.1")
 guidance_weight = number_type(lambda v: 0 <= v <= 100, "a number from 0 to 100 (1 = plain conditional)")
-guide_weight = number_type(lambda v: 1 < v <= 100, "a number above 1 and at most 100 (1 would turn autoguidance off)")
 
 
 def int_list(s):
@@ -211,7 +210,7 @@ def build_parser():
     g.add_argument("--guide-checkpoint", dest="guide", metavar="PATH",
                    help="autoguidance: also push away from this weaker checkpoint's output at every step (an "
                         "earlier or shorter run with the same objective, schedule, labels and data; default: none)")
-    g.add_argument("--guide-weight", type=guide_weight, metavar="A",
+    g.add_argument("--guide-weight", type=float, metavar="A",
                    help=f"autoguidance weight: eps + (A - 1) (eps_c - eps_guide), above 1 "
                         f"(default {DEFAULT_GUIDE_WEIGHT:g} with --guide-checkpoint)")
     g.add_argument("--sample-seed", type=int, metavar="S",
@@ -249,9 +248,8 @@ def sample_settings(args, device, amp):
                           data_dir=args.data_dir, n_samples=args.n_samples, sampler=args.sampler,
                           steps=args.steps, eta=args.eta, churn=args.churn, seed=args.sample_seed or 0,
                           digit=args.digit, guidance=args.guidance, interval=args.interval, guide=args.guide,
-                          guide_weight=args.guide_weight,
-                          device=device, amp=amp,
-                          compile=args.compile, dataset=args.dataset)
+                          guide_weight=args.guide_weight, device=device, amp=amp, compile=args.compile,
+                          dataset=args.dataset)
 
 
 def main(argv=None):

@@ -55,7 +55,7 @@ class SampleSettings:
     guidance: Optional[float] = None  # default DEFAULT_GUIDANCE for labelled runs; 0 draws with no label
     interval: Optional[tuple] = None  # the timesteps (lo, hi) where guidance applies, default default_interval(T)
     guide: Optional[str] = None  # a weaker checkpoint to guide away from (autoguidance), at every timestep
-    guide_weight: Optional[float] = None  # its weight, default DEFAULT_GUIDE_WEIGHT; 1 turns it off
+    guide_weight: Optional[float] = None  # its weight, above 1; default DEFAULT_GUIDE_WEIGHT
     device: torch.device = torch.device("cpu")
     amp: Optional[torch.dtype] = None
     compile: bool = False
@@ -123,8 +123,9 @@ def denoiser(model, device, amp, interval=EVERYWHERE, guide=None, guide_weight=D
     With a guide network, autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of
     itself") adds guide_weight - 1 times the step away from the guide's output for the same label (or none)
     at every timestep: eps + (a - 1) (eps_c - eps_g). The guide, a weaker network, makes the same errors more
-    strongly, so the push corrects them without the variety that the label's push costs. The two networks share
-    their objective and schedule (load_guide checks), so the sum means the same in eps, x0 or mean units.
+    strongly, so the push corrects them and, in the paper, keeps the variety that the label's push costs. The two
+    networks share their objective and schedule (load_guide checks), so the sum means the same in eps, x0 or mean
+    units.
     """
     no_label = model.cfg.num_classes  # the "no label" entry (a compiled model passes cfg through)
     lo, hi = interval
@@ -249,13 +250,14 @@ def load_sampler(s):
     if s.guide is not None and not 1 < guide_weight <= 100:
         raise UserError(f"--guide-weight must be above 1 (1 turns autoguidance off, below 1 pulls towards the weaker "
                         f"checkpoint) and at most 100, got {guide_weight:g}")
-    guide_net, guide_step = load_guide(s.guide, ckpt, s.device) if s.guide is not None else (None, None)
-    if guide_net is not None:
+    guide = None
+    if s.guide is not None:
+        guide, guide_step = load_guide(s.guide, diffusion, dataset, model.cfg.num_classes, s.device)
         what += f", autoguidance {guide_weight:g} away from {s.guide} (step {guide_step})"
+        guide = maybe_compile(guide, s.compile)
     print(f"{s.checkpoint}: epoch {ckpt['epoch']}, step {ckpt['step']}, {what}; {plan.describe(sampler)}; "
           f"{s.device.type}, {'bf16' if s.amp else 'fp32'}")
-    denoise = denoiser(maybe_compile(model, s.compile), s.device, s.amp, interval,
-                       guide_net and maybe_compile(guide_net, s.compile), guide_weight)
+    denoise = denoiser(maybe_compile(model, s.compile), s.device, s.amp, interval, guide, guide_weight)
     return Sampler(s.checkpoint, ckpt, diffusion, denoise, plan, guidance, interval, s.device, sampler, dataset,
                    s.guide, guide_weight if s.guide is not None else None)
 
@@ -267,17 +269,16 @@ def ema_network(ckpt, device):
     return model.eval()
 
 
-def load_guide(path, ckpt, device):
-    """(network, step) of the guide checkpoint at path, checked to fit the checkpoint ckpt it guides: labelled
-    like it, on the same data, with the same objective and noise schedule, so their outputs mix."""
+def load_guide(path, diffusion, dataset, num_classes, device):
+    """(EMA network, step) of the guide checkpoint at path, checked to fit the checkpoint it guides (its diffusion,
+    data set and number of labels): the same objective and noise schedule, data and labels, so their outputs mix."""
     other = load_checkpoint(path, "--guide-checkpoint")
-    mine, theirs = Diffusion(**ckpt["diffusion_config"]).config(), Diffusion(**other["diffusion_config"]).config()
+    mine, theirs = diffusion.config(), Diffusion(**other["diffusion_config"]).config()
     keys = ("timesteps", "beta_start", "beta_end", "objective") + (("mean_skip",) if mine["objective"] == "mean" else ())
     differ = [k for k in keys if mine[k] != theirs[k]]
-    data = ckpt["train_config"].get("dataset", "mnist"), other["train_config"].get("dataset", "mnist")
-    if data[0] != data[1]:
+    if other["train_config"].get("dataset", "mnist") != dataset:
         differ.insert(0, "dataset")
-    if other["model_config"].get("num_classes", 0) != ckpt["model_config"].get("num_classes", 0):
+    if other["model_config"].get("num_classes", 0) != num_classes:
         differ.append("labels")
     if differ:
         raise UserError(f"the guide {path} differs from the checkpoint in {', '.join(differ)}, so their outputs "

@@ -106,14 +106,22 @@ def checkpoint_path(run_dir, step):
     return os.path.join(run_dir, f"ckpt_{step:08d}.pt")
 
 
+def run_checkpoints(run_dir):
+    """{step: path} of run_dir's checkpoints (ckpt_<step>.pt), in step order."""
+    paths = {int(os.path.basename(p)[5:-3]): p for p in glob.glob(os.path.join(run_dir, "ckpt_*.pt"))
+             if os.path.basename(p)[5:-3].isdigit()}
+    return dict(sorted(paths.items()))
+
+
 def prune_checkpoints(run_dir, keep, steps_per_epoch):
     """Keep the newest `keep` end-of-epoch checkpoints of run_dir and its newest checkpoint; delete the rest."""
-    steps = sorted(int(os.path.basename(p)[5:-3]) for p in glob.glob(os.path.join(run_dir, "ckpt_*.pt")))
+    paths = run_checkpoints(run_dir)
+    steps = list(paths)
     kept = set([s for s in steps if s % steps_per_epoch == 0][-keep:] + steps[-1:])
-    for s in steps:
+    for s, path in paths.items():
         if s not in kept:
             with contextlib.suppress(FileNotFoundError):
-                os.remove(checkpoint_path(run_dir, s))
+                os.remove(path)
 
 
 def latest_checkpoint(ckpt_dir):

@@ -21,7 +21,7 @@ from evaluate import evaluate
 from hardware import pick_hardware
 from model import UNetConfig
 from sample import (DEFAULT_GUIDANCE, DEFAULT_GUIDE_WEIGHT, DEFAULT_INTERVAL_SHARE, DEFAULT_SAMPLER, DEFAULT_STEPS,
-                    SAMPLERS, SampleSettings, sample)
+                    GUIDED_GUIDANCE, SAMPLERS, SampleSettings, sample)
 from train import DEFAULT_EPOCHS, DEFAULTS, TrainSettings, train
 
 # Flags a mode would ignore are refused rather than silently dropped.
@@ -202,17 +202,20 @@ def build_parser():
                    help="sample: a grid of digit D (0-9) (labelled runs; default: digits from the class prior)")
     g.add_argument("--guidance", type=guidance_weight, metavar="W",
                    help=f"classifier-free guidance eps_u + W (eps_c - eps_u): 1 is plain conditional, 0 draws "
-                        f"with no label (default {DEFAULT_GUIDANCE:g}; labelled runs)")
+                        f"with no label (default {GUIDED_GUIDANCE:g} with a guide, {DEFAULT_GUIDANCE:g} without; "
+                        f"labelled runs)")
     g.add_argument("--guidance-interval", dest="interval", type=timestep_range, metavar="LO,HI",
                    help=f"apply guidance only at timesteps LO <= t <= HI, plain conditional elsewhere; 0,10000 "
                         f"guides everywhere (default {DEFAULT_INTERVAL_SHARE[0]:g}T,{DEFAULT_INTERVAL_SHARE[1]:g}T: "
                         f"100,600 for T=1000)")
     g.add_argument("--guide-checkpoint", dest="guide", metavar="PATH",
                    help="autoguidance: also push away from this weaker checkpoint's output at every step (an "
-                        "earlier or shorter run with the same objective, schedule, labels and data; default: none)")
+                        "earlier or shorter run with the same objective, schedule, labels and data), or none "
+                        "(default: a labelled MNIST checkpoint's own run's checkpoint nearest half its steps, "
+                        "if kept; else none)")
     g.add_argument("--guide-weight", type=float, metavar="A",
                    help=f"autoguidance weight: eps + (A - 1) (eps_c - eps_guide), above 1 "
-                        f"(default {DEFAULT_GUIDE_WEIGHT:g} with --guide-checkpoint)")
+                        f"(default {DEFAULT_GUIDE_WEIGHT:g})")
     g.add_argument("--sample-seed", type=int, metavar="S",
                    help="same seed and checkpoint, same images (default 0)")
     return p

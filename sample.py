@@ -18,15 +18,17 @@ import torch
 from tqdm import tqdm
 
 import figures
-from ckpt import load_checkpoint, make_folder, save_figure, write_atomic
+from ckpt import load_checkpoint, make_folder, run_checkpoints, save_figure, write_atomic
 from data import heart_points, heart_trace, load_mnist, sample_shape, to_model_range
 from diffusion import Diffusion
 from errors import UserError
 from hardware import autocast, maybe_compile
 from model import build_network
 
-DEFAULT_GUIDANCE = 1.5  # classifier-free guidance weight W; 1 is plain conditional, 0 unconditional
-DEFAULT_GUIDE_WEIGHT = 2.0  # autoguidance weight with --guide-checkpoint (docs/sampling.md)
+DEFAULT_GUIDANCE = 1.5  # classifier-free guidance weight W without a guide; 1 is plain conditional, 0 unconditional
+GUIDED_GUIDANCE = 1.25  # W beside autoguidance, which sharpens the digits itself (docs/sampling.md)
+DEFAULT_GUIDE_WEIGHT = 2.0  # autoguidance weight A (docs/sampling.md)
+NO_GUIDE = "none"  # --guide-checkpoint none: no autoguidance, even where the run has its own guide
 # Guidance applies where lo <= t <= hi (Kynkaanniemi et al. 2024), by default at t from 10% to 60% of T:
 # for T = 1000, [100, 600], about EDM2's sigma 0.28 to 5.4 (docs/sampling.md).
 DEFAULT_INTERVAL_SHARE = (0.1, 0.6)
@@ -54,7 +56,8 @@ class SampleSettings:
     digit: Optional[int] = None  # a grid of one digit (labelled runs)
     guidance: Optional[float] = None  # default DEFAULT_GUIDANCE for labelled runs; 0 draws with no label
     interval: Optional[tuple] = None  # the timesteps (lo, hi) where guidance applies, default default_interval(T)
-    guide: Optional[str] = None  # a weaker checkpoint to guide away from (autoguidance), at every timestep
+    guide: Optional[str] = None  # a weaker checkpoint to guide away from (autoguidance), at every timestep;
+    # None: a labelled MNIST checkpoint's own_guide, if its run kept one; NO_GUIDE: none
     guide_weight: Optional[float] = None  # its weight, above 1; default DEFAULT_GUIDE_WEIGHT
     device: torch.device = torch.device("cpu")
     amp: Optional[torch.dtype] = None
@@ -239,27 +242,43 @@ def load_sampler(s):
                         f"apply; drop {given[0]} or pick a checkpoint trained with labels")
     if s.digit is not None and s.guidance == 0:
         raise UserError("--digit needs a label, and --guidance 0 draws with none; drop one of them")
-    guidance = (DEFAULT_GUIDANCE if s.guidance is None else s.guidance) if labelled else None
+    guide_path = None if s.guide == NO_GUIDE else s.guide
+    if s.guide is None and labelled and dataset == "mnist":
+        guide_path = own_guide(s.checkpoint, ckpt["step"])
+    if s.guide_weight is not None and guide_path is None:
+        raise UserError("--guide-weight weighs the step away from a guide, and " + (
+            "--guide-checkpoint none turns it off; drop one of them" if s.guide == NO_GUIDE else
+            f"{s.checkpoint} has none of its own (no checkpoint of its run near half its steps); give "
+            f"--guide-checkpoint PATH or drop --guide-weight"))
+    guide_weight = DEFAULT_GUIDE_WEIGHT if s.guide_weight is None else s.guide_weight
+    if guide_path is not None and not 1 < guide_weight <= 100:
+        raise UserError(f"--guide-weight must be above 1 (1 turns autoguidance off, below 1 pulls towards the weaker "
+                        f"checkpoint) and at most 100, got {guide_weight:g}")
+    default_guidance = DEFAULT_GUIDANCE if guide_path is None else GUIDED_GUIDANCE
+    guidance = (default_guidance if s.guidance is None else s.guidance) if labelled else None
     interval = s.interval or default_interval(diffusion.timesteps)
     what = "unconditional" if not labelled else "labelled, no label" if guidance == 0 else (
         f"labelled, guidance {guidance:g}" + (f" at t in [{interval[0]}, {interval[1]}]"
                                               if interval[0] > 0 or interval[1] < diffusion.timesteps - 1 else ""))
-    if s.guide_weight is not None and s.guide is None:
-        raise UserError("--guide-weight weighs the step away from --guide-checkpoint; give a guide or drop it")
-    guide_weight = DEFAULT_GUIDE_WEIGHT if s.guide_weight is None else s.guide_weight
-    if s.guide is not None and not 1 < guide_weight <= 100:
-        raise UserError(f"--guide-weight must be above 1 (1 turns autoguidance off, below 1 pulls towards the weaker "
-                        f"checkpoint) and at most 100, got {guide_weight:g}")
     guide = None
-    if s.guide is not None:
-        guide, guide_step = load_guide(s.guide, diffusion, dataset, model.cfg.num_classes, s.device)
-        what += f", autoguidance {guide_weight:g} away from {s.guide} (step {guide_step})"
+    if guide_path is not None:
+        guide, guide_step = load_guide(guide_path, diffusion, dataset, model.cfg.num_classes, s.device)
+        whose = f"{guide_path} (step {guide_step})" if s.guide else f"the run's step-{guide_step} checkpoint"
+        what += f", autoguidance {guide_weight:g} away from {whose}"
         guide = maybe_compile(guide, s.compile)
     print(f"{s.checkpoint}: epoch {ckpt['epoch']}, step {ckpt['step']}, {what}; {plan.describe(sampler)}; "
           f"{s.device.type}, {'bf16' if s.amp else 'fp32'}")
     denoise = denoiser(maybe_compile(model, s.compile), s.device, s.amp, interval, guide, guide_weight)
     return Sampler(s.checkpoint, ckpt, diffusion, denoise, plan, guidance, interval, s.device, sampler, dataset,
-                   s.guide, guide_weight if s.guide is not None else None)
+                   guide_path, guide_weight if guide_path is not None else None)
+
+
+def own_guide(path, step):
+    """The guide a checkpoint of `step` steps at path gets by default: the checkpoint of its own run (its folder)
+    nearest to half its steps, between a third and two thirds of them (the run keeps its end-of-epoch ones),
+    else None. Half the training makes the same errors, only more (docs/sampling.md)."""
+    near = {s: p for s, p in run_checkpoints(os.path.dirname(path)).items() if step <= 3 * s <= 2 * step}
+    return near[min(near, key=lambda s: abs(2 * s - step))] if near else None
 
 
 def ema_network(ckpt, device):
@@ -283,7 +302,7 @@ def load_guide(path, diffusion, dataset, num_classes, device):
     if differ:
         raise UserError(f"the guide {path} differs from the checkpoint in {', '.join(differ)}, so their outputs "
                         f"do not mix; pick a guide trained with the same settings (an earlier checkpoint of the "
-                        f"same run, or a shorter or smaller run)")
+                        f"same run, or a shorter or smaller run), or none with --guide-checkpoint none")
     return ema_network(other, device), other["step"]
 
 

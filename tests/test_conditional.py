@@ -217,6 +217,42 @@ def test_an_unlabelled_checkpoint_is_autoguided_too(unlabelled, tmp_path):
     assert not torch.allclose(draw(guide=weaker, guide_weight=3.0), plain, atol=1e-3)
 
 
+def test_own_guide_is_the_runs_checkpoint_nearest_half_the_steps(tmp_path):
+    for step in (937, 1874, 2811, 3748, 4159):
+        (tmp_path / f"ckpt_{step:08d}.pt").touch()
+    (tmp_path / "ckpt_final.pt").touch()  # not a step: never picked
+    assert sample.own_guide(str(tmp_path / "ckpt_00004159.pt"), 4159) == str(tmp_path / "ckpt_00001874.pt")
+    assert sample.own_guide(str(tmp_path / "ckpt_00003748.pt"), 3748) == str(tmp_path / "ckpt_00001874.pt")
+    assert sample.own_guide(str(tmp_path / "ckpt_00002811.pt"), 2811) == str(tmp_path / "ckpt_00000937.pt")
+    # Nothing between a third and two thirds of the steps: no guide (a one-epoch run, or one pruned by --keep).
+    assert sample.own_guide(str(tmp_path / "ckpt_00001874.pt"), 1874) == str(tmp_path / "ckpt_00000937.pt")
+    assert sample.own_guide(str(tmp_path / "ckpt_00000937.pt"), 937) is None
+    assert sample.own_guide(str(tmp_path / "elsewhere" / "x.pt"), 4159) is None
+
+
+def test_default_sampling_is_autoguided_by_the_runs_own_half_way_checkpoint(trained, tmp_path):
+    """A labelled checkpoint whose run kept one near half its steps is guided by it, at GUIDED_GUIDANCE; the same
+    images as asking for that guide by hand. --guide-checkpoint none turns it off."""
+    ckpt = randomised(trained["checkpoint"])
+    ckpt["step"] = 8
+    main = str(tmp_path / "ckpt_00000008.pt")
+    torch.save(ckpt, main)
+    ckpt["ema"] = {k: v * 0.5 if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
+    half = str(tmp_path / "ckpt_00000004.pt")
+    torch.save(ckpt, half)
+
+    def draw(**kw):
+        sp = sample.load_sampler(sample.SampleSettings(checkpoint=main, steps=4, **kw))
+        return sp.generate(6, 0, labels=sp.labels(6, 0)), sp
+    (auto, sp), (by_hand, _) = draw(), draw(guide=half, guidance=sample.GUIDED_GUIDANCE)
+    assert (sp.guide, sp.guide_weight, sp.guidance) == (half, sample.DEFAULT_GUIDE_WEIGHT, sample.GUIDED_GUIDANCE)
+    assert torch.equal(auto, by_hand)
+    (off, sp), (plain, _) = draw(guide=sample.NO_GUIDE), draw(guidance=sample.DEFAULT_GUIDANCE, guide=sample.NO_GUIDE)
+    assert (sp.guide, sp.guide_weight, sp.guidance) == (None, None, sample.DEFAULT_GUIDANCE)
+    assert torch.equal(off, plain) and not torch.allclose(off, auto, atol=1e-3)
+    assert draw(guide_weight=3.0)[1].guide_weight == 3.0  # the weight applies to the run's own guide too
+
+
 @pytest.fixture(scope="module")
 def eps_twin(trained, tmp_path_factory):
     """The trained checkpoint claiming another objective: a guide whose outputs mean something else."""
@@ -232,15 +268,18 @@ def eps_twin(trained, tmp_path_factory):
     ("objective", "differs from the checkpoint in objective"),
     ("weight 1", "--guide-weight must be above 1"),
     ("unlabelled main", "differs from the checkpoint in labels"),
-    ("weight alone", "--guide-weight weighs the step away from --guide-checkpoint"),
+    ("weight alone", "has none of its own (no checkpoint of its run near half its steps)"),
+    ("weight and none", "--guide-checkpoint none turns it off"),
     ("missing", "given to --guide-checkpoint"),
 ])
 def test_a_guide_that_cannot_apply_is_one_line(capsys, trained, unlabelled, eps_twin, mnist_root, tmp_path, case,
                                                expect):
     main, guide, extra = trained["checkpoint"], {"unlabelled guide": unlabelled, "objective": eps_twin,
                                                  "missing": str(tmp_path / "nope.pt")}.get(case, trained["checkpoint"]), []
-    if case in ("weight 1", "weight alone"):
+    if case in ("weight 1", "weight alone", "weight and none"):
         extra = ["--guide-weight", "1" if case == "weight 1" else "2"]
+    if case == "weight and none":
+        guide = "none"
     if case == "unlabelled main":
         main, guide = unlabelled, trained["checkpoint"]
     out = tmp_path / "out"

@@ -7,6 +7,7 @@ any moment leaves either the previous file or the new one, never a partial one.
 import contextlib
 import glob
 import os
+import re
 
 import torch
 
@@ -108,9 +109,9 @@ def checkpoint_path(run_dir, step):
 
 def run_checkpoints(run_dir):
     """{step: path} of run_dir's checkpoints (ckpt_<step>.pt), in step order."""
-    paths = {int(os.path.basename(p)[5:-3]): p for p in glob.glob(os.path.join(run_dir, "ckpt_*.pt"))
-             if os.path.basename(p)[5:-3].isdigit()}
-    return dict(sorted(paths.items()))
+    named = ((re.fullmatch(r"ckpt_([0-9]+)\.pt", os.path.basename(p)), p)
+             for p in glob.glob(os.path.join(run_dir, "ckpt_*.pt")))
+    return dict(sorted((int(m.group(1)), p) for m, p in named if m))
 
 
 def prune_checkpoints(run_dir, keep, steps_per_epoch):

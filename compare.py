@@ -16,7 +16,9 @@ can run the search for a slower one (docs/fast-machine.json holds the issues' re
 
 Each run lives in ROOT/NAME (its run folder and eval.json). A run whose eval.json is already there is
 reused, and a run stopped mid-training is resumed, so an interrupted comparison picks up where it
-stopped. The table (markdown) and the figure go to --out-dir.
+stopped. The table (markdown) and the figure go to --out-dir. Runs are evaluated and drawn without
+autoguidance (NO_GUIDE), whose default guide depends on which checkpoints a run kept, so that every row
+measures its network the same way; the samplers screen names each row's guide.
 """
 import argparse
 import dataclasses
@@ -36,7 +38,7 @@ from diffusion import Diffusion
 from errors import UserError
 from evaluate import Judge, as_asked, evaluate
 from hardware import pick_hardware
-from sample import EVERYWHERE, SAMPLERS, SampleSettings, load_sampler
+from sample import EVERYWHERE, NO_GUIDE, SAMPLERS, SampleSettings, load_sampler
 from train import DEFAULTS, NO_LABEL, TrainSettings, make_trainable, network_config, train, train_step
 
 GUIDANCE_1 = {"guidance-1": {"guidance": 1.0}}  # the extra eval of a labelled run: plain conditional
@@ -48,8 +50,9 @@ def folder(name):
 
 def train_and_eval(root, name, minutes, given, n_samples, data_dir, device, amp, steps=None, extra=GUIDANCE_1):
     """Train ROOT/NAME for `minutes` or `steps` with the run settings `given` unless its eval.json exists, and
-    evaluate it with the default sampling into NAME/eval.json and with each of `extra` ({folder: SampleSettings
-    fields}; a labelled run's) into NAME/folder/eval.json, each unless already there; returns a result row."""
+    evaluate it with the default sampling, no guide, into NAME/eval.json and with each of `extra` ({folder:
+    SampleSettings fields}; a labelled run's) into NAME/folder/eval.json, each unless already there; returns a
+    result row."""
     d = os.path.join(root, folder(name))
     report = os.path.join(d, "eval.json")
     if not {**DEFAULTS, **given}["conditional"]:
@@ -70,12 +73,13 @@ def train_and_eval(root, name, minutes, given, n_samples, data_dir, device, amp,
             sys.exit(f"error: training {name} failed")
         # The classifier cache stays in the default checkpoints/ folder, shared by every run.
         evaluate(SampleSettings(checkpoint=latest_checkpoint(d), out_dir=d, data_dir=data_dir, n_samples=n_samples,
-                                device=device, amp=amp), cache_dir="checkpoints")
+                                guide=NO_GUIDE, device=device, amp=amp), cache_dir="checkpoints")
     result = json.load(open(report))
     for sub, fields in extra.items():  # a reused run gets the evals it lacks
         if not os.path.exists(os.path.join(d, sub, "eval.json")):
             evaluate(SampleSettings(checkpoint=result["checkpoint"], out_dir=os.path.join(d, sub), data_dir=data_dir,
-                                    n_samples=n_samples, device=device, amp=amp, **fields), cache_dir="checkpoints")
+                                    n_samples=n_samples, device=device, amp=amp, **{"guide": NO_GUIDE, **fields}),
+                     cache_dir="checkpoints")
     ckpt = load_checkpoint(result["checkpoint"])
     log = ckpt["log"]
     images = sum(r["images_per_s"] * r["seconds"] for r in log)
@@ -128,7 +132,8 @@ MLP_SHAPES = {f"mlp {w} x {d}": {"arch": "mlp", "width": w, "depth": d}  # width
               for w, d in [(256, 3), (384, 3), (512, 3), (1024, 3), (1024, 5), (2048, 3), (2048, 5)]}
 KNOWN = {**LEVERS, **VARIANTS, **MLP_SHAPES}
 
-# Issue 14's screen: solver, steps and guidance, on one checkpoint (fields of SampleSettings).
+# Issue 14's screen: solver, steps and guidance, on one checkpoint (fields of SampleSettings), each on top of
+# the default autoguidance where the checkpoint's run kept its half-way checkpoint; then the old default, no guide.
 SAMPLER_CONFIGS = [
     *[dict(sampler="dpm2m", guidance=w) for w in (1.0, 1.25, 1.5, 1.75, 2.0)],  # in the default interval
     dict(sampler="dpm2m", guidance=1.5, steps=10), dict(sampler="dpm2m", guidance=1.5, steps=15),
@@ -136,6 +141,7 @@ SAMPLER_CONFIGS = [
     dict(sampler="dpm2m-sde", guidance=1.5), dict(sampler="dpm2m-sde", guidance=1.0),
     dict(sampler="ddim", guidance=1.5, steps=50),
     dict(sampler="heun", guidance=1.5, steps=10), dict(sampler="heun", guidance=1.25, steps=10),
+    dict(sampler="dpm2m", guidance=1.5, guide=NO_GUIDE), dict(sampler="dpm2m", guidance=1.25, guide=NO_GUIDE),
 ]
 
 
@@ -213,8 +219,8 @@ def evaluate_raw_weights(result, n_samples, data_dir, device, amp):
         path = os.path.join(out, "run_001", os.path.basename(result["checkpoint"]))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_checkpoint({**ckpt, "ema": ckpt["model"]}, path)
-        evaluate(SampleSettings(checkpoint=path, out_dir=out, data_dir=data_dir, n_samples=n_samples, device=device,
-                                amp=amp), cache_dir="checkpoints")
+        evaluate(SampleSettings(checkpoint=path, out_dir=out, data_dir=data_dir, n_samples=n_samples, guide=NO_GUIDE,
+                                device=device, amp=amp), cache_dir="checkpoints")
 
 
 def budget_runs(root, names, minutes, train_steps, speeds_file, seed, n_samples, data_dir, device, amp,
@@ -300,13 +306,13 @@ def screen_samplers(checkpoint, seeds, n, data_dir, out_dir, device, amp):
     judge = Judge(data_dir, "checkpoints", device)
     out = os.path.join(out_dir, "samplers.md")
     with open(out, "a") as f:
-        f.write(f"\n{checkpoint}, N={n}\n\n| sampler | guidance | interval | seed | FID | precision | recall "
-                "| confident | entropy | worst digit as asked | seconds |\n"
-                "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
+        f.write(f"\n{checkpoint}, N={n}\n\n| sampler | guidance | interval | guide | seed | FID | precision "
+                "| recall | confident | entropy | worst digit as asked | seconds |\n"
+                "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
     for seed in seeds:
         floor = judge.floor(n, seed)
         with open(out, "a") as f:
-            f.write(f"| real images (floor) | | | {seed} | {floor['fid']:.1f} | {floor['precision']:.3f} "
+            f.write(f"| real images (floor) | | | | {seed} | {floor['fid']:.1f} | {floor['precision']:.3f} "
                     f"| {floor['recall']:.3f} | {floor['confident']:.3f} | {floor['entropy']:.3f} | | |\n")
         for c in SAMPLER_CONFIGS:
             sp = load_sampler(SampleSettings(checkpoint=checkpoint, seed=seed, device=device, amp=amp, **c))
@@ -316,7 +322,8 @@ def screen_samplers(checkpoint, seeds, n, data_dir, out_dir, device, amp):
             seconds = time.time() - t0
             m, drawn = judge(fake, seed)
             worst_digit = min(a for a in as_asked(drawn, asked) if a is not None)
-            row = (f"| {sp.plan.describe(sp.sampler)} | {sp.guidance:g} | {list(sp.interval)} "
+            guide = f"{os.path.basename(sp.guide)}, weight {sp.guide_weight:g}" if sp.guide else "none"
+            row = (f"| {sp.plan.describe(sp.sampler)} | {sp.guidance:g} | {list(sp.interval)} | {guide} "
                    f"| {seed} | {m['fid']:.1f} | {m['precision']:.3f} | {m['recall']:.3f} | {m['confident']:.3f} "
                    f"| {m['entropy']:.3f} | {worst_digit:.1%} | {seconds:.1f} |\n")
             print(row, end="", flush=True)
@@ -408,7 +415,7 @@ def compare(args):
         xlabel = ("training minutes at the speeds in " + os.path.basename(args.speeds) if args.speeds else
                   "training steps" if args.train_steps else "training minutes")
         fig = figures.budget_curves(series, rows[0]["real"], f"FID and confident share (N={rows[0]['n']}, "
-                                    "default sampling) against the training budget", xlabel)
+                                    "default sampling, no guide) against the training budget", xlabel)
         save_figure(fig, os.path.join(out_dir, "budgets.png"))
     else:
         names = args.only.split(",") if args.only else list(VARIANTS)
@@ -425,9 +432,10 @@ def compare(args):
 
 def side_by_side(checkpoints, titles, device, amp, sampler=None):
     """What each checkpoint's sample.png shows (64 digits drawn from the class prior with its default sampling,
-    or with `sampler`, seed 0), one grid per checkpoint under its title."""
-    samplers = [load_sampler(SampleSettings(checkpoint=path, dataset="mnist", sampler=sampler, device=device, amp=amp))
-                for path in checkpoints]  # all loaded, and a sampler one of them refuses said, before any drawing
+    no guide, or with `sampler`, seed 0), one grid per checkpoint under its title."""
+    # All loaded, and a sampler one of them refuses said, before any drawing.
+    samplers = [load_sampler(SampleSettings(checkpoint=path, dataset="mnist", sampler=sampler, guide=NO_GUIDE,
+                                            device=device, amp=amp)) for path in checkpoints]
     return figures.panels([sp.generate(64, 0, labels=sp.labels(64, 0)) for sp in samplers], titles)
 
 

@@ -54,7 +54,7 @@ class SampleSettings:
     seed: int = 0
     dataset: Optional[str] = None  # the data set the checkpoint must have been trained on; None: whichever
     digit: Optional[int] = None  # a grid of one digit (labelled runs)
-    guidance: Optional[float] = None  # default DEFAULT_GUIDANCE for labelled runs; 0 draws with no label
+    guidance: Optional[float] = None  # labelled runs: GUIDED_GUIDANCE with a guide, else DEFAULT_GUIDANCE; 0: no label
     interval: Optional[tuple] = None  # the timesteps (lo, hi) where guidance applies, default default_interval(T)
     guide: Optional[str] = None  # a weaker checkpoint to guide away from (autoguidance), at every timestep;
     # None: a labelled MNIST checkpoint's own_guide, if its run kept one; NO_GUIDE: none
@@ -242,18 +242,9 @@ def load_sampler(s):
                         f"apply; drop {given[0]} or pick a checkpoint trained with labels")
     if s.digit is not None and s.guidance == 0:
         raise UserError("--digit needs a label, and --guidance 0 draws with none; drop one of them")
-    guide_path = None if s.guide == NO_GUIDE else s.guide
-    if s.guide is None and labelled and dataset == "mnist":
-        guide_path = own_guide(s.checkpoint, ckpt["step"])
-    if s.guide_weight is not None and guide_path is None:
-        raise UserError("--guide-weight weighs the step away from a guide, and " + (
-            "--guide-checkpoint none turns it off; drop one of them" if s.guide == NO_GUIDE else
-            f"{s.checkpoint} has none of its own (no checkpoint of its run near half its steps); give "
-            f"--guide-checkpoint PATH or drop --guide-weight"))
-    guide_weight = DEFAULT_GUIDE_WEIGHT if s.guide_weight is None else s.guide_weight
-    if guide_path is not None and not 1 < guide_weight <= 100:
-        raise UserError(f"--guide-weight must be above 1 (1 turns autoguidance off, below 1 pulls towards the weaker "
-                        f"checkpoint) and at most 100, got {guide_weight:g}")
+    # The default guide: measured on labelled MNIST draws of the x0 and eps networks only (docs/sampling.md).
+    own = labelled and dataset == "mnist" and diffusion.objective != "mean" and s.guidance != 0
+    guide_path, guide_weight = pick_guide(s, ckpt["step"], own)
     default_guidance = DEFAULT_GUIDANCE if guide_path is None else GUIDED_GUIDANCE
     guidance = (default_guidance if s.guidance is None else s.guidance) if labelled else None
     interval = s.interval or default_interval(diffusion.timesteps)
@@ -262,10 +253,13 @@ def load_sampler(s):
                                               if interval[0] > 0 or interval[1] < diffusion.timesteps - 1 else ""))
     guide = None
     if guide_path is not None:
-        guide, guide_step = load_guide(guide_path, diffusion, dataset, model.cfg.num_classes, s.device)
+        guide, guide_step = load_guide(guide_path, diffusion, dataset, model.cfg.num_classes, s.device,
+                                       default=s.guide is None)
         whose = f"{guide_path} (step {guide_step})" if s.guide else f"the run's step-{guide_step} checkpoint"
         what += f", autoguidance {guide_weight:g} away from {whose}"
         guide = maybe_compile(guide, s.compile)
+    elif own and s.guide is None:
+        what += ", no guide (its run kept no checkpoint near half its steps)"
     print(f"{s.checkpoint}: epoch {ckpt['epoch']}, step {ckpt['step']}, {what}; {plan.describe(sampler)}; "
           f"{s.device.type}, {'bf16' if s.amp else 'fp32'}")
     denoise = denoiser(maybe_compile(model, s.compile), s.device, s.amp, interval, guide, guide_weight)
@@ -273,11 +267,33 @@ def load_sampler(s):
                    guide_path, guide_weight if guide_path is not None else None)
 
 
+def pick_guide(s, step, own):
+    """(guide path or None, its weight) for the SampleSettings s of a checkpoint of `step` steps: the guide given,
+    none for NO_GUIDE, else, where `own` (the default guide applies), the run's own_guide."""
+    path = None if s.guide == NO_GUIDE else s.guide
+    if s.guide is None and own:
+        path = own_guide(s.checkpoint, step)
+    if s.guide_weight is not None and path is None:
+        raise UserError("--guide-weight weighs the step away from a guide, and " + (
+            "--guide-checkpoint none turns it off; drop one of them" if s.guide == NO_GUIDE else
+            f"{s.checkpoint}'s run kept no checkpoint near half its steps to guide it; give --guide-checkpoint PATH "
+            f"or drop --guide-weight" if own else
+            "only labelled draws of MNIST checkpoints that do not predict the posterior mean get a default guide; "
+            "give --guide-checkpoint PATH or drop --guide-weight"))
+    weight = DEFAULT_GUIDE_WEIGHT if s.guide_weight is None else s.guide_weight
+    if path is not None and not 1 < weight <= 100:
+        raise UserError(f"--guide-weight must be above 1 (1 turns autoguidance off, below 1 pulls towards the weaker "
+                        f"checkpoint) and at most 100, got {weight:g}")
+    return path, weight
+
+
 def own_guide(path, step):
-    """The guide a checkpoint of `step` steps at path gets by default: the checkpoint of its own run (its folder)
-    nearest to half its steps, between a third and two thirds of them (the run keeps its end-of-epoch ones),
-    else None. Half the training makes the same errors, only more (docs/sampling.md)."""
-    near = {s: p for s, p in run_checkpoints(os.path.dirname(path)).items() if step <= 3 * s <= 2 * step}
+    """The guide a checkpoint of `step` steps at path gets by default: the checkpoint of its own run (the folder
+    it lies in, links followed) nearest to half its steps (the earlier of two as near), between a third and two
+    thirds of them (the run keeps its end-of-epoch ones), else None. Half the training makes the same errors,
+    only more, and the push away from them corrects them (docs/sampling.md)."""
+    near = {s: p for s, p in run_checkpoints(os.path.dirname(os.path.realpath(path))).items()
+            if step <= 3 * s <= 2 * step}
     return near[min(near, key=lambda s: abs(2 * s - step))] if near else None
 
 
@@ -288,10 +304,17 @@ def ema_network(ckpt, device):
     return model.eval()
 
 
-def load_guide(path, diffusion, dataset, num_classes, device):
+def load_guide(path, diffusion, dataset, num_classes, device, default=False):
     """(EMA network, step) of the guide checkpoint at path, checked to fit the checkpoint it guides (its diffusion,
-    data set and number of labels): the same objective and noise schedule, data and labels, so their outputs mix."""
-    other = load_checkpoint(path, "--guide-checkpoint")
+    data set and number of labels): the same objective and noise schedule, data and labels, so their outputs mix.
+    `default`: path is the run's own guide, chosen by own_guide, not given."""
+    try:
+        other = load_checkpoint(path, "--guide-checkpoint")
+    except UserError as e:
+        if not default:
+            raise
+        raise UserError(f"the default guide (the run's checkpoint nearest half its steps) cannot be used: {e}; or "
+                        f"sample without it: --guide-checkpoint none") from None
     mine, theirs = diffusion.config(), Diffusion(**other["diffusion_config"]).config()
     keys = ("timesteps", "beta_start", "beta_end", "objective") + (("mean_skip",) if mine["objective"] == "mean" else ())
     differ = [k for k in keys if mine[k] != theirs[k]]

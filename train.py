@@ -409,8 +409,8 @@ class Trainer:
     def quick_eval(self):
         """FID and friends of 500 DDIM-20 samples of the EMA network (DDPM over every step for a posterior-mean
         network from before its output was the noise or x_0's scale, the only sampler it has: T network calls per
-        image), drawn as the sample mode draws (digits from the class prior at the default guidance for a
-        labelled run), into the epoch's log row."""
+        image), drawn as the sample mode draws without a guide (digits from the class prior at DEFAULT_GUIDANCE
+        for a labelled run), into the epoch's log row."""
         T = self.cfg["timesteps"]
         name, steps = ("ddpm", None) if self.diffusion.whole_steps_only else ("ddim", min(20, T))
         sp = sample.Sampler(self.run_dir, {"class_prior": self.class_prior}, self.diffusion,

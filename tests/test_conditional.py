@@ -224,8 +224,8 @@ def test_own_guide_is_the_runs_checkpoint_nearest_half_the_steps(tmp_path):
     assert sample.own_guide(str(tmp_path / "ckpt_00004159.pt"), 4159) == str(tmp_path / "ckpt_00001874.pt")
     assert sample.own_guide(str(tmp_path / "ckpt_00003748.pt"), 3748) == str(tmp_path / "ckpt_00001874.pt")
     assert sample.own_guide(str(tmp_path / "ckpt_00002811.pt"), 2811) == str(tmp_path / "ckpt_00000937.pt")
-    # Nothing between a third and two thirds of the steps: no guide (a one-epoch run, or one pruned by --keep).
     assert sample.own_guide(str(tmp_path / "ckpt_00001874.pt"), 1874) == str(tmp_path / "ckpt_00000937.pt")
+    # Nothing between a third and two thirds of the steps: no guide (a one-epoch run, or one pruned by --keep).
     assert sample.own_guide(str(tmp_path / "ckpt_00000937.pt"), 937) is None
     assert sample.own_guide(str(tmp_path / "elsewhere" / "x.pt"), 4159) is None
 
@@ -244,13 +244,40 @@ def test_default_sampling_is_autoguided_by_the_runs_own_half_way_checkpoint(trai
     def draw(**kw):
         sp = sample.load_sampler(sample.SampleSettings(checkpoint=main, steps=4, **kw))
         return sp.generate(6, 0, labels=sp.labels(6, 0)), sp
-    (auto, sp), (by_hand, _) = draw(), draw(guide=half, guidance=sample.GUIDED_GUIDANCE)
+    (auto, sp), (given, given_sp) = draw(), draw(guide=half)
     assert (sp.guide, sp.guide_weight, sp.guidance) == (half, sample.DEFAULT_GUIDE_WEIGHT, sample.GUIDED_GUIDANCE)
-    assert torch.equal(auto, by_hand)
+    assert given_sp.guidance == sample.GUIDED_GUIDANCE and torch.equal(auto, given)
     (off, sp), (plain, _) = draw(guide=sample.NO_GUIDE), draw(guidance=sample.DEFAULT_GUIDANCE, guide=sample.NO_GUIDE)
     assert (sp.guide, sp.guide_weight, sp.guidance) == (None, None, sample.DEFAULT_GUIDANCE)
     assert torch.equal(off, plain) and not torch.allclose(off, auto, atol=1e-3)
-    assert draw(guide_weight=3.0)[1].guide_weight == 3.0  # the weight applies to the run's own guide too
+    heavier, sp = draw(guide_weight=3.0)  # the weight applies to the run's own guide too
+    assert sp.guide == half and not torch.allclose(heavier, auto, atol=1e-3)
+    # "No label" draws get no default guide (it was measured on labelled draws only).
+    assert draw(guidance=0)[1].guide is None and draw(guidance=0, guide=half)[1].guide == half
+
+
+def test_an_unlabelled_run_gets_no_default_guide(unlabelled, tmp_path):
+    ckpt = load_checkpoint(unlabelled)
+    for step in (4, 8):
+        torch.save({**ckpt, "step": step}, str(tmp_path / f"ckpt_{step:08d}.pt"))
+    sp = sample.load_sampler(sample.SampleSettings(checkpoint=str(tmp_path / "ckpt_00000008.pt"), steps=4))
+    assert sp.guide is None and sp.guidance is None
+
+
+def test_an_unreadable_default_guide_is_one_line_naming_the_way_out(capsys, trained, mnist_root, tmp_path):
+    run_dir = tmp_path / "run_001"
+    run_dir.mkdir()
+    torch.save({**load_checkpoint(trained["checkpoint"]), "step": 8}, str(run_dir / "ckpt_00000008.pt"))
+    (run_dir / "ckpt_00000004.pt").write_bytes(b"half a file")
+    out = tmp_path / "out"
+    assert run.main(["--mode", "sample", "--checkpoint", str(run_dir / "ckpt_00000008.pt"), "--data-dir", mnist_root,
+                     "--device", "cpu", "--out-dir", str(out), "--steps", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the default guide") and "ckpt_00000004.pt is not a readable checkpoint" in err
+    assert err.endswith("--guide-checkpoint none") and "\n" not in err and not out.exists()
+    assert run.main(["--mode", "sample", "--checkpoint", str(run_dir / "ckpt_00000008.pt"), "--data-dir", mnist_root,
+                     "--device", "cpu", "--out-dir", str(out), "--steps", "2", "--n-samples", "4",
+                     "--guide-checkpoint", "none"]) == 0
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +295,7 @@ def eps_twin(trained, tmp_path_factory):
     ("objective", "differs from the checkpoint in objective"),
     ("weight 1", "--guide-weight must be above 1"),
     ("unlabelled main", "differs from the checkpoint in labels"),
-    ("weight alone", "has none of its own (no checkpoint of its run near half its steps)"),
+    ("weight alone", "kept no checkpoint near half its steps to guide it"),
     ("weight and none", "--guide-checkpoint none turns it off"),
     ("missing", "given to --guide-checkpoint"),
 ])

@@ -292,4 +292,4 @@ def say(line):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    distributed.end_process(main())

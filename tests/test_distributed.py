@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+import distributed
 import run
 from ckpt import checkpoint_path, latest_checkpoint, load_checkpoint
 from conftest import TINY
@@ -26,6 +27,7 @@ CHILD = r"""
 import errno, os, signal, sys, time
 sys.path.insert(0, os.environ["ROOT"])
 import torch
+import distributed
 import run
 import train as training
 
@@ -51,7 +53,7 @@ def step(*args):
 training.train_step = step
 code = run.main(sys.argv[1:])
 sys.stderr.write(f"rank {os.environ['RANK']} exit {code}\n")  # one write: the two processes share the pipe
-sys.exit(code)
+distributed.end_process(code)  # as run.py ends
 """
 
 
@@ -79,6 +81,16 @@ def assert_same_run(a, b):
             torch.testing.assert_close(b[key][name], value, rtol=1e-5, atol=1e-6, msg=f"{key}.{name}")
     assert torch.equal(a["rng"]["cpu"], b["rng"]["cpu"])  # every process drew what one process draws
     assert [s for s, _ in a["history"]] == [s for s, _ in b["history"]]
+
+
+@pytest.mark.parametrize("world, skips_teardown", [("1", False), ("2", True)])
+def test_a_torchrun_process_ends_without_the_interpreters_teardown(monkeypatch, world, skips_teardown):
+    ended = []
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setattr(os, "_exit", lambda code: ended.append(("os._exit", code)))
+    monkeypatch.setattr(sys, "exit", lambda code: ended.append(("sys.exit", code)))
+    distributed.end_process(3)
+    assert ended == [("os._exit" if skips_teardown else "sys.exit", 3)]
 
 
 def test_two_processes_train_what_one_process_trains(tmp_path, mnist_root):

@@ -219,4 +219,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    distributed.end_process(main())  # under torchrun (--processes), without the interpreter's teardown

@@ -181,8 +181,8 @@ def build_parser():
                    help=f"share of each batch trained with no label, so one run samples both ways "
                         f"(default {D['label_dropout']})")
     g.add_argument("--keep", type=positive_int, metavar="K",
-                   help="keep only the newest K end-of-epoch checkpoints of the run, plus its last one; a small "
-                        "K drops the half-way one that guides sampling by default (default: keep all)")
+                   help="keep only the newest K end-of-epoch checkpoints of the run, plus its last one; K below "
+                        "about half the epochs leaves none to guide sampling by default (default: keep all)")
     g.add_argument("--eval-every", type=positive_int, metavar="K",
                    help="every K epochs, FID etc. of 500 DDIM-20 samples (DDPM for --objective mean) into the "
                         "log and loss.png")

@@ -180,15 +180,20 @@ def randomised(path):
     return ckpt
 
 
+def with_weaker(path, tmp_path, name, weaker_name, **fields):
+    """The checkpoint at path with random EMA weights (and `fields`) saved as tmp_path/name, and a copy with those
+    weights halved, a weaker guide, as tmp_path/weaker_name: (its path, the weaker's path, the weaker's dict)."""
+    ckpt = {**randomised(path), **fields}  # a 4-step run's zero-initialised layers would hide the label
+    paths = str(tmp_path / name), str(tmp_path / weaker_name)
+    torch.save(ckpt, paths[0])
+    ckpt["ema"] = {k: v * 0.5 if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
+    torch.save(ckpt, paths[1])
+    return *paths, ckpt
+
+
 def test_a_checkpoint_guided_by_itself_draws_its_plain_conditional_digits(trained, tmp_path):
     """eps_c + (A - 1) (eps_c - eps_g) with g = c is eps_c: the same images as without a guide, whatever A."""
-    ckpt = randomised(trained["checkpoint"])  # a 4-step run's zero-initialised layers would hide the label
-    path = str(tmp_path / "random.pt")
-    torch.save(ckpt, path)
-
-    ckpt["ema"] = {k: v * 0.5 if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
-    weaker = str(tmp_path / "weaker.pt")
-    torch.save(ckpt, weaker)
+    path, weaker, ckpt = with_weaker(trained["checkpoint"], tmp_path, "random.pt", "weaker.pt")
 
     def draw(**kw):
         sp = sample.load_sampler(sample.SampleSettings(checkpoint=path, steps=4, interval=sample.EVERYWHERE, **kw))
@@ -233,13 +238,7 @@ def test_own_guide_is_the_runs_checkpoint_nearest_half_the_steps(tmp_path):
 def test_default_sampling_is_autoguided_by_the_runs_own_half_way_checkpoint(trained, tmp_path):
     """A labelled checkpoint whose run kept one near half its steps is guided by it, at GUIDED_GUIDANCE; the same
     images as asking for that guide by hand. --guide-checkpoint none turns it off."""
-    ckpt = randomised(trained["checkpoint"])
-    ckpt["step"] = 8
-    main = str(tmp_path / "ckpt_00000008.pt")
-    torch.save(ckpt, main)
-    ckpt["ema"] = {k: v * 0.5 if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
-    half = str(tmp_path / "ckpt_00000004.pt")
-    torch.save(ckpt, half)
+    main, half, _ = with_weaker(trained["checkpoint"], tmp_path, "ckpt_00000008.pt", "ckpt_00000004.pt", step=8)
 
     def draw(**kw):
         sp = sample.load_sampler(sample.SampleSettings(checkpoint=main, steps=4, **kw))

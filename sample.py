@@ -26,7 +26,7 @@ from hardware import autocast, maybe_compile
 from model import build_network
 
 DEFAULT_GUIDANCE = 1.5  # classifier-free guidance weight W without a guide; 1 is plain conditional, 0 unconditional
-GUIDED_GUIDANCE = 1.25  # W beside autoguidance, which sharpens the digits itself (docs/sampling.md)
+GUIDED_GUIDANCE = 1.3  # W beside autoguidance, which sharpens the digits itself (docs/sampling.md)
 DEFAULT_GUIDE_WEIGHT = 2.0  # autoguidance weight A (docs/sampling.md)
 NO_GUIDE = "none"  # --guide-checkpoint none: no autoguidance, even where the run has its own guide
 # Guidance applies where lo <= t <= hi (Kynkaanniemi et al. 2024), by default at t from 10% to 60% of T:

@@ -127,7 +127,8 @@ def pick_precisions(names, device):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
-    p.add_argument("--batch-size", type=int, default=128, help="training batch (default 128)")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
+                   help=f"training batch (default {DEFAULTS['batch_size']}, the training default)")
     p.add_argument("--sample-batch", type=int, default=256, help="sampling batch (default 256)")
     p.add_argument("--steps", type=int, default=10, help="training steps per timed repeat (default 10)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats, median quoted (default 5)")

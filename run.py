@@ -13,7 +13,7 @@ import math
 import sys
 
 import distributed
-from ckpt import fmt, latest_checkpoint
+from ckpt import MEAN_TIMESTEPS, fmt, latest_checkpoint
 from data import DATASETS
 from diffusion import LOSSES, MIN_TIMESTEPS, OBJECTIVES, WEIGHTINGS
 from errors import UserError
@@ -168,7 +168,8 @@ def build_parser():
                         "N(-1.2, 1.2), few draws near pure noise; vlb: the variational bound's weight, "
                         "1/(2 beta_t) on the posterior mean, as t drawn in proportion to it "
                         f"(default {D['weighting']}; vlb for --objective mean)")
-    g.add_argument("--timesteps", type=timestep_count, metavar="T", help=f"diffusion steps (default {D['timesteps']})")
+    g.add_argument("--timesteps", type=timestep_count, metavar="T", help=f"diffusion steps (default {D['timesteps']}; "
+                   f"{MEAN_TIMESTEPS} for a new --objective mean run on MNIST)")
     g.add_argument("--channels", type=channel_list, metavar="A,B,C",
                    help=f"U-Net widths at 28, 14 and 7 pixels (default {fmt(D['channels'])})")
     g.add_argument("--blocks", type=int_list, metavar="A,B,C",

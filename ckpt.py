@@ -15,10 +15,6 @@ import figures
 from errors import UserError
 
 FORMAT = "mnist-ddpm/1"  # written into every checkpoint, checked on load
-# A new posterior-mean run on MNIST: T = 100, where its bound's weights are flatter than at 1000 and its own
-# ancestral sampler takes 100 steps; at the default run's 20-minute steps it drew FID 153 against 213 at T = 1000
-# (dpm2m 20), 106 with its own DDPM step (docs/variants.md).
-MEAN_TIMESTEPS = 100
 # Settings added after the first checkpoints, with what those earlier runs trained with.
 ADDED_SETTINGS = dict(conditional=False, label_dropout=0.0, schedule="constant", arch="unet", objective="eps",
                       loss="mse", ema_length=None, weighting="uniform", attention=False, dataset="mnist")
@@ -187,8 +183,6 @@ def reconcile(given, defaults, ckpt=None, path=None):
         raise UserError("--label-dropout needs labels; drop it or drop --unconditional")
     if not ckpt and cfg["objective"] == "mean" and given.get("weighting") is None:
         cfg["weighting"] = "vlb"  # the posterior mean trains only under the bound's weighting (DDPM Table 2)
-    if not ckpt and cfg["objective"] == "mean" and cfg["dataset"] == "mnist" and given.get("timesteps") is None:
-        cfg["timesteps"] = MEAN_TIMESTEPS
     if given.get("ema_length") is not None and given.get("ema_decay") is not None:
         raise UserError("--ema-length and --ema-decay choose between two EMAs; give one of them")
     if given.get("ema_decay") is not None and cfg["ema_length"] is not None:  # --ema-decay: the classic EMA

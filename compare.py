@@ -124,7 +124,8 @@ LEVERS = {
 VARIANTS = {
     "default": {},
     "eps prediction": {"objective": "eps"},
-    "mean prediction": {"objective": "mean"},  # under the bound's weighting, vlb (ckpt.reconcile)
+    "mean prediction": {"objective": "mean"},  # under the bound's weighting, vlb, at T = 100 (train.for_dataset)
+    "mean prediction at T 1000": {"objective": "mean", "timesteps": 1000},  # the bound at DDPM's own T
     "l1 loss": {"loss": "l1"},
     "mlp": {"arch": "mlp"},
 }
@@ -135,7 +136,7 @@ KNOWN = {**LEVERS, **VARIANTS, **MLP_SHAPES}
 # Issue 14's screen: solver, steps and guidance, on one checkpoint (fields of SampleSettings), each on top of
 # the default autoguidance where the checkpoint's run kept its half-way checkpoint; then the old default, no guide.
 SAMPLER_CONFIGS = [
-    *[dict(sampler="dpm2m", guidance=w) for w in (1.0, 1.25, 1.5, 1.75, 2.0)],  # in the default interval
+    *[dict(sampler="dpm2m", guidance=w) for w in (1.0, 1.25, 1.3, 1.5, 1.75, 2.0)],  # in the default interval
     dict(sampler="dpm2m", guidance=1.5, steps=10), dict(sampler="dpm2m", guidance=1.5, steps=15),
     dict(sampler="dpm2m", guidance=1.5, interval=(100, 800)), dict(sampler="dpm2m", guidance=1.5, interval=EVERYWHERE),
     dict(sampler="dpm2m-sde", guidance=1.5), dict(sampler="dpm2m-sde", guidance=1.0),

@@ -13,7 +13,7 @@ import math
 import sys
 
 import distributed
-from ckpt import MEAN_TIMESTEPS, fmt, latest_checkpoint
+from ckpt import fmt, latest_checkpoint
 from data import DATASETS
 from diffusion import LOSSES, MIN_TIMESTEPS, OBJECTIVES, WEIGHTINGS
 from errors import UserError
@@ -22,7 +22,7 @@ from hardware import pick_hardware
 from model import UNetConfig
 from sample import (DEFAULT_GUIDANCE, DEFAULT_GUIDE_WEIGHT, DEFAULT_INTERVAL_SHARE, DEFAULT_SAMPLER, DEFAULT_STEPS,
                     GUIDED_GUIDANCE, SAMPLERS, SampleSettings, sample)
-from train import DEFAULT_EPOCHS, DEFAULTS, TrainSettings, train
+from train import DEFAULT_EPOCHS, DEFAULTS, MEAN_TIMESTEPS, TrainSettings, train
 
 # Flags a mode would ignore are refused rather than silently dropped.
 # --dataset is a training setting that sample and eval take as a check of the checkpoint.
@@ -169,7 +169,7 @@ def build_parser():
                         "1/(2 beta_t) on the posterior mean, as t drawn in proportion to it "
                         f"(default {D['weighting']}; vlb for --objective mean)")
     g.add_argument("--timesteps", type=timestep_count, metavar="T", help=f"diffusion steps (default {D['timesteps']}; "
-                   f"{MEAN_TIMESTEPS} for a new --objective mean run on MNIST)")
+                   f"{MEAN_TIMESTEPS} for a new --objective mean run on MNIST under its default vlb weighting)")
     g.add_argument("--channels", type=channel_list, metavar="A,B,C",
                    help=f"U-Net widths at 28, 14 and 7 pixels (default {fmt(D['channels'])})")
     g.add_argument("--blocks", type=int_list, metavar="A,B,C",

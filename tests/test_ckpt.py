@@ -12,15 +12,6 @@ from errors import UserError
 def test_a_new_run_takes_the_defaults_and_what_is_given():
     cfg = ckpt.reconcile({"lr": 2e-3, "seed": None}, train.DEFAULTS)
     assert cfg == {**train.DEFAULTS, "lr": 2e-3}
-    # A new posterior-mean run on MNIST takes the bound's weighting and T = 100 unless told otherwise; resumed,
-    # a run keeps its own.
-    mean = ckpt.reconcile({"objective": "mean"}, train.DEFAULTS)
-    assert (mean["weighting"], mean["timesteps"]) == ("vlb", ckpt.MEAN_TIMESTEPS)
-    given = ckpt.reconcile({"objective": "mean", "timesteps": 1000, "weighting": "p2"}, train.DEFAULTS)
-    assert (given["weighting"], given["timesteps"]) == ("p2", 1000)
-    saved = {"train_config": dict(train.DEFAULTS, objective="mean", weighting="vlb", timesteps=1000)}
-    assert ckpt.reconcile({"timesteps": None}, train.DEFAULTS, saved, "c.pt")["timesteps"] == 1000
-    assert ckpt.reconcile({"objective": "mean", "dataset": "heart"}, train.DEFAULTS)["timesteps"] == 1000
 
 
 def test_resume_takes_the_checkpoints_settings_and_refuses_others():

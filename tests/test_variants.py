@@ -3,10 +3,11 @@ import pytest
 import torch
 
 import run
-from ckpt import FORMAT, latest_checkpoint, load_checkpoint, save_checkpoint
+from ckpt import FORMAT, latest_checkpoint, load_checkpoint, reconcile, save_checkpoint
 from conftest import TINY, exact_eps
 from diffusion import Diffusion
 from model import MLP, MLPConfig, build_network, count_parameters
+from train import DEFAULTS, MEAN_TIMESTEPS, for_dataset
 
 
 def true_target(d, x0_true):
@@ -169,21 +170,38 @@ def test_a_checkpoint_records_and_restores_objective_loss_and_network(tmp_path, 
         assert run.main(sample) == 0
 
 
-@pytest.mark.parametrize("flags, note", [([], "--weighting p2 trains the same network and loss as --objective eps"),
-                                         (["--weighting", "p2"], None), (["--timesteps", "100"], None)])
-def test_a_mean_run_at_t_1000_under_the_bound_says_what_it_measured(tmp_path, mnist_root, capsys, flags, note):
-    """The bound's weighting at T = 1000 drew worse digits than eps (docs/variants.md): a new run says so and names
-    the flag that trains the same network as eps; under another weighting, or at small T, there is nothing to say.
-    A resumed older form (output at x_0's scale) gets its own note, not eq. 11's numbers."""
+def test_a_new_mean_run_on_mnist_trains_at_t_100_under_the_bound_unless_told():
+    """T = MEAN_TIMESTEPS for a new posterior-mean MNIST run under its default weighting, the bound; a given T, another
+    weighting (with which T = 100 was not measured) and the heart keep T = 1000; resuming keeps the checkpoint's."""
+    def new_run(**given):
+        return for_dataset(reconcile(given, DEFAULTS), given)["timesteps"]
+    assert new_run(objective="mean") == MEAN_TIMESTEPS == 100
+    assert new_run(objective="mean", timesteps=1000) == 1000
+    assert new_run(objective="mean", weighting="p2") == new_run(objective="eps") == DEFAULTS["timesteps"] == 1000
+    assert new_run(objective="mean", dataset="heart") == 1000
+    saved = {"train_config": dict(DEFAULTS, objective="mean", weighting="vlb", timesteps=1000)}
+    assert reconcile({"timesteps": None}, DEFAULTS, saved, "c.pt")["timesteps"] == 1000
+
+
+@pytest.mark.parametrize("timesteps, flags, note", [
+    ("1000", [], "--weighting p2 trains the same network and loss as --objective eps"),
+    ("1000", ["--weighting", "p2"], None),
+    ("100", [], "--weighting p2 --timesteps 1000 trains the same network and loss as --objective eps")])
+def test_a_mean_run_under_the_bound_says_what_it_measured(tmp_path, mnist_root, capsys, timesteps, flags, note):
+    """The bound's weighting drew worse digits than eps at T = 1000 and at T = 100 (docs/variants.md): a new run
+    says so and names the flags that train the same network as eps; under another weighting there is nothing to
+    say. A resumed older form (output at x_0's scale) gets its own note, not eq. 11's numbers."""
     ckpt_dir = str(tmp_path / "ckpt")
+    tiny = [f for f in TINY]
+    tiny[tiny.index("--timesteps") + 1] = timesteps
     assert run.main(["--mode", "train", "--train-steps", "1", "--data-dir", mnist_root, "--ckpt-dir", ckpt_dir,
-                     *TINY, "--timesteps", "1000", "--objective", "mean", *flags]) == 0
+                     *tiny, "--objective", "mean", *flags]) == 0
     out = capsys.readouterr().out
     if note:
         assert "drew worse digits than eps" in out and note in out
     else:
         assert "note:" not in out
-    if flags:
+    if flags or timesteps != "1000":
         return
     old = load_checkpoint(latest_checkpoint(ckpt_dir))
     old["diffusion_config"]["mean_skip"] = "ct-c0"

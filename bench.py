@@ -5,6 +5,7 @@ they come to the device's own matmul rate, in fp32 and bf16.
     python bench.py --device cpu --repeats 7 --out /tmp/bench.json
     python bench.py --precision fp32,bf16    # time bf16 even where it is emulated (slow)
     python bench.py --processes 1,2      # also training images/s of 1 and 2 processes under torchrun (DDP)
+    python bench.py --compile            # the same figures with the network under torch.compile
 
 Every figure is the median of --repeats timed runs after an untimed warm-up, all in one process; with
 --processes, the training rate is also timed in N processes, each started by torchrun on its share of the
@@ -27,7 +28,7 @@ from ckpt import write_atomic
 import distributed
 from diffusion import Diffusion
 from errors import UserError
-from hardware import bf16_is_faster, pick_device, sync
+from hardware import maybe_compile, pick_device, pick_precision, sync
 from model import UNetConfig, count_parameters
 from sample import denoiser
 from train import DEFAULTS, make_trainable, train_step
@@ -112,9 +113,10 @@ def worker(args):
 def pick_precisions(names, device):
     """The precisions to time: auto skips bf16 where it is not native (there it runs many times slower)."""
     if names == "auto":
-        bf16 = device.type != "mps" and bf16_is_faster(device)
+        bf16 = pick_precision("auto", device) is not None
         if not bf16:
-            print("bf16 left out: not faster than fp32 on this device (pass --precision fp32,bf16 to time it)")
+            print("bf16 left out: run.py's --precision auto does not use it on this device "
+                  "(pass --precision fp32,bf16 to time it)")
         return ["fp32", "bf16"] if bf16 else ["fp32"]
     chosen = names.split(",")
     if not chosen or any(n not in PRECISIONS for n in chosen):
@@ -136,6 +138,8 @@ def main(argv=None):
                                                         "--precision auto would use), or a list like fp32,bf16")
     p.add_argument("--processes", default="1", metavar="N,M",
                    help="also time training in N, M... processes under torchrun (CPU or N GPUs), e.g. 1,2")
+    p.add_argument("--compile", action="store_true",
+                   help="time the network under torch.compile, as run.py --compile runs it (compiling is untimed)")
     p.add_argument("--out", default="gen/bench.json", help="the table as JSON (default gen/bench.json)")
     args = p.parse_args(argv)
     if distributed.launched():
@@ -146,6 +150,10 @@ def main(argv=None):
         counts = [int(n) for n in args.processes.split(",") if n.strip().isdigit() and int(n) > 0]
         if not counts or len(counts) != len(args.processes.split(",")):
             raise UserError(f"--processes must be a list of positive counts like 1,2, got {args.processes!r}")
+        if args.compile and device.type == "mps":
+            raise UserError("--compile is not supported on MPS; drop --compile")
+        if args.compile and counts != [1]:
+            raise UserError("--compile times one process; drop --processes or --compile")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -155,6 +163,7 @@ def main(argv=None):
     model_config = vars(UNetConfig())
     diffusion = Diffusion(cfg["timesteps"])
     model, ema, opt = make_trainable(model_config, cfg, device)
+    net = maybe_compile(model, args.compile)  # what the timed steps call; FLOPs are counted on the plain model
     x0 = torch.rand(args.batch_size, 1, 28, 28, device=device) * 2 - 1
     xs = torch.randn(args.sample_batch, 1, 28, 28, device=device)
     ts = torch.full((args.sample_batch,), 500, device=device)
@@ -163,7 +172,7 @@ def main(argv=None):
               "threads": torch.get_num_threads(), "torch": torch.__version__,
               "parameters": count_parameters(model), "model_config": model_config,
               "gflop_per_image_forward": count_flops(lambda: model(*one)) / 1e9,
-              "batch_size": args.batch_size, "sample_batch": args.sample_batch}
+              "batch_size": args.batch_size, "sample_batch": args.sample_batch, "compile": args.compile}
     # Training FLOPs counted on a real step (forward, backward): about 3x the forward.
     train_flops = count_flops(lambda: diffusion.loss(model, x0).backward()) / args.batch_size
     result["gflop_per_image_train"] = train_flops / 1e9
@@ -174,10 +183,10 @@ def main(argv=None):
 
         def train_steps():
             for _ in range(args.steps):
-                train_step(diffusion, model, ema, opt, x0, None, device, amp)
+                train_step(diffusion, net, ema, opt, x0, None, device, amp)
 
         train_ips = args.steps * args.batch_size / timed(train_steps, device, args.repeats)
-        denoise = denoiser(model, device, amp)
+        denoise = denoiser(net, device, amp)
 
         def sample_step():
             with torch.inference_mode():
@@ -191,7 +200,8 @@ def main(argv=None):
                         "sample_gflops": sample_isps * result["gflop_per_image_forward"],
                         "sample_fraction_of_matmul": sample_isps * result["gflop_per_image_forward"] / peak}
 
-    print(f"{device.type} ({result['cpu']}, {result['threads']} threads), torch {result['torch']}")
+    print(f"{device.type} ({result['cpu']}, {result['threads']} threads), torch {result['torch']}"
+          + (", torch.compile" if args.compile else ""))
     print(f"default UNet: {result['parameters']:,} parameters, {result['gflop_per_image_forward']:.3f} GFLOP "
           f"per image forward, {result['gflop_per_image_train']:.3f} per training image")
     rows = [("matmul GFLOP/s (2048x2048)", "matmul_gflops", "{:.0f}"),

@@ -29,6 +29,7 @@ def test_bench_reports_every_figure(tmp_path):
 def test_precisions_to_time():
     cpu = torch.device("cpu")
     assert bench.pick_precisions("fp32,bf16", cpu) == ["fp32", "bf16"]
+    assert bench.pick_precisions("auto", torch.device("cuda")) == ["fp32"]  # what run.py's auto uses there
     with pytest.raises(UserError, match="--precision must be auto or a list of fp32, bf16"):
         bench.pick_precisions("fp16", cpu)
 
@@ -40,3 +41,15 @@ def test_bench_times_training_in_several_processes(tmp_path):
     rates = json.load(open(out))["processes"]
     assert set(rates) == {"1", "2"} and min(rates.values()) > 0
     assert bench.main(["--processes", "1,x", "--out", out]) == 2
+
+
+def test_bench_times_the_compiled_network_when_asked(tmp_path, monkeypatch):
+    """--compile wraps the network the timed steps call (compiling itself takes minutes on 2 cores: recorded
+    here, not run); it is refused where it cannot run or is not timed."""
+    compiled = []
+    monkeypatch.setattr(bench, "maybe_compile", lambda model, on: compiled.append(on) or model)
+    out = str(tmp_path / "bench.json")
+    assert bench.main(["--device", "cpu", "--precision", "fp32", "--batch-size", "4", "--sample-batch", "4",
+                       "--steps", "1", "--repeats", "1", "--compile", "--out", out]) == 0
+    assert compiled == [True] and json.load(open(out))["compile"] is True
+    assert bench.main(["--device", "cpu", "--compile", "--processes", "1,2", "--out", out]) == 2

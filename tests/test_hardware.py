@@ -22,3 +22,4 @@ def test_precision_choice(monkeypatch):
         monkeypatch.setattr(hardware, "bf16_is_faster", lambda device: faster)
         assert hardware.pick_precision("auto", cpu) is (torch.bfloat16 if faster else None)
         assert hardware.pick_precision("auto", torch.device("mps")) is None  # fp32 only on MPS, whatever it measures
+        assert hardware.pick_precision("auto", torch.device("cuda")) is None  # and on CUDA (launch-bound there)

@@ -112,7 +112,7 @@ def build_parser():
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
                    help="auto picks cuda, then mps, then cpu (default auto)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="bf16 autocast with fp32 weights; auto: bf16 where measured faster (default auto)")
+                   help="bf16 autocast with fp32 weights; auto: bf16 on a CPU where measured faster (default auto)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network for training and sampling (CUDA, CPU; not MPS)")
     p.add_argument("--dataset", choices=DATASETS,

@@ -3,7 +3,7 @@ they come to the device's own matmul rate, in fp32 and bf16.
 
     python bench.py                      # prints a table, writes gen/bench.json
     python bench.py --device cpu --repeats 7 --out /tmp/bench.json
-    python bench.py --precision fp32,bf16    # time bf16 even where it is emulated (slow)
+    python bench.py --precision fp32,bf16    # time bf16 too where auto leaves it out (CUDA; emulated on a CPU)
     python bench.py --processes 1,2      # also training images/s of 1 and 2 processes under torchrun (DDP)
     python bench.py --compile            # the same figures with the network under torch.compile
 
@@ -28,7 +28,7 @@ from ckpt import write_atomic
 import distributed
 from diffusion import Diffusion
 from errors import UserError
-from hardware import maybe_compile, pick_device, pick_precision, sync
+from hardware import maybe_compile, pick_device, pick_hardware, pick_precision, sync
 from model import UNetConfig, count_parameters
 from sample import denoiser
 from train import DEFAULTS, make_trainable, train_step
@@ -110,8 +110,17 @@ def worker(args):
     return 0
 
 
+def fresh(model, compile):
+    """The network a timed phase calls; FLOPs are counted on the plain model. With compile, compiled anew for
+    each phase, as run.py compiles once per process, so that no phase runs on the graphs that another
+    phase's batch size made dynamic."""
+    if compile:
+        torch.compiler.reset()
+    return maybe_compile(model, compile)
+
+
 def pick_precisions(names, device):
-    """The precisions to time: auto skips bf16 where it is not native (there it runs many times slower)."""
+    """The precisions to time: auto times what run.py's --precision auto uses (and fp32)."""
     if names == "auto":
         bf16 = pick_precision("auto", device) is not None
         if not bf16:
@@ -134,8 +143,8 @@ def main(argv=None):
     p.add_argument("--sample-batch", type=int, default=256, help="sampling batch (default 256)")
     p.add_argument("--steps", type=int, default=10, help="training steps per timed repeat (default 10)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats, median quoted (default 5)")
-    p.add_argument("--precision", default="auto", help="auto (fp32, and bf16 where it is faster: what run.py's "
-                                                        "--precision auto would use), or a list like fp32,bf16")
+    p.add_argument("--precision", default="auto", help="auto (fp32, and bf16 on a CPU where it is faster: what "
+                                                        "run.py's --precision auto uses), or a list like fp32,bf16")
     p.add_argument("--processes", default="1", metavar="N,M",
                    help="also time training in N, M... processes under torchrun (CPU or N GPUs), e.g. 1,2")
     p.add_argument("--compile", action="store_true",
@@ -145,13 +154,11 @@ def main(argv=None):
     if distributed.launched():
         return worker(args)
     try:
-        device = pick_device(args.device)
+        device, _ = pick_hardware(args.device, "fp32", args.compile)  # refuses --compile where it cannot run
         precisions = pick_precisions(args.precision, device)
         counts = [int(n) for n in args.processes.split(",") if n.strip().isdigit() and int(n) > 0]
         if not counts or len(counts) != len(args.processes.split(",")):
             raise UserError(f"--processes must be a list of positive counts like 1,2, got {args.processes!r}")
-        if args.compile and device.type == "mps":
-            raise UserError("--compile is not supported on MPS; drop --compile")
         if args.compile and counts != [1]:
             raise UserError("--compile times one process; drop --processes or --compile")
     except UserError as e:
@@ -163,7 +170,6 @@ def main(argv=None):
     model_config = vars(UNetConfig())
     diffusion = Diffusion(cfg["timesteps"])
     model, ema, opt = make_trainable(model_config, cfg, device)
-    net = maybe_compile(model, args.compile)  # what the timed steps call; FLOPs are counted on the plain model
     x0 = torch.rand(args.batch_size, 1, 28, 28, device=device) * 2 - 1
     xs = torch.randn(args.sample_batch, 1, 28, 28, device=device)
     ts = torch.full((args.sample_batch,), 500, device=device)
@@ -181,12 +187,14 @@ def main(argv=None):
         amp = PRECISIONS[name]
         peak = matmul_gflops(device, amp or torch.float32, args.repeats)
 
+        net = fresh(model, args.compile)
+
         def train_steps():
             for _ in range(args.steps):
                 train_step(diffusion, net, ema, opt, x0, None, device, amp)
 
         train_ips = args.steps * args.batch_size / timed(train_steps, device, args.repeats)
-        denoise = denoiser(net, device, amp)
+        denoise = denoiser(fresh(model, args.compile), device, amp)
 
         def sample_step():
             with torch.inference_mode():

@@ -43,7 +43,7 @@ def local_rank():
 
 def use_local_gpu():
     """Under torchrun, make this process's GPU the current one before anything touches CUDA (otherwise every
-    process would open a context on GPU 0 when the precision check runs there)."""
+    process would open a context on GPU 0 at its first CUDA call)."""
     if launched() and torch.cuda.is_available() and local_rank() < torch.cuda.device_count():
         torch.cuda.set_device(local_rank())
 

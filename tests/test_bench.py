@@ -16,7 +16,7 @@ def test_bench_reports_every_figure(tmp_path):
     result = json.load(open(out))
     assert 2_000_000 <= result["parameters"] <= 2_600_000
     assert 0 < result["gflop_per_image_forward"] < result["gflop_per_image_train"]
-    # auto times bf16 only where it is native: timing emulated bf16 would take many minutes on such a CPU
+    # auto times bf16 only on a CPU where it is native: emulated bf16 would take many minutes on such a CPU
     timed = ["fp32", "bf16"] if hardware.bf16_is_faster(torch.device("cpu")) else ["fp32"]
     assert [p for p in ("fp32", "bf16") if p in result] == timed
     for precision in timed:
@@ -43,13 +43,34 @@ def test_bench_times_training_in_several_processes(tmp_path):
     assert bench.main(["--processes", "1,x", "--out", out]) == 2
 
 
-def test_bench_times_the_compiled_network_when_asked(tmp_path, monkeypatch):
-    """--compile wraps the network the timed steps call (compiling itself takes minutes on 2 cores: recorded
-    here, not run); it is refused where it cannot run or is not timed."""
-    compiled = []
-    monkeypatch.setattr(bench, "maybe_compile", lambda model, on: compiled.append(on) or model)
+def test_bench_times_the_compiled_network_when_asked(tmp_path, monkeypatch, capsys):
+    """--compile: the timed training steps and sampling steps each call a network compiled for that phase
+    (compiling itself takes minutes on 2 cores: a counting stand-in here); refused where it cannot run or
+    is not timed."""
+    class Compiled(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.cfg, self.calls = model, model.cfg, 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return self.model(*args, **kwargs)
+
+    made = []
+
+    def compile_counting(model, on):
+        if on:
+            made.append(Compiled(model))
+        return made[-1] if on else model
+
+    monkeypatch.setattr(bench, "maybe_compile", compile_counting)
     out = str(tmp_path / "bench.json")
     assert bench.main(["--device", "cpu", "--precision", "fp32", "--batch-size", "4", "--sample-batch", "4",
                        "--steps", "1", "--repeats", "1", "--compile", "--out", out]) == 0
-    assert compiled == [True] and json.load(open(out))["compile"] is True
+    assert len(made) == 2 and all(m.calls > 0 for m in made)  # the training phase's, then the sampling phase's
+    assert json.load(open(out))["compile"] is True
     assert bench.main(["--device", "cpu", "--compile", "--processes", "1,2", "--out", out]) == 2
+    assert "--compile times one process" in capsys.readouterr().err
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert bench.main(["--device", "mps", "--compile", "--out", out]) == 2
+    assert "--compile is not supported on MPS" in capsys.readouterr().err

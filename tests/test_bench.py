@@ -64,10 +64,13 @@ def test_bench_times_the_compiled_network_when_asked(tmp_path, monkeypatch, caps
         return made[-1] if on else model
 
     monkeypatch.setattr(bench, "maybe_compile", compile_counting)
+    resets = []
+    monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append(len(made)))
     out = str(tmp_path / "bench.json")
     assert bench.main(["--device", "cpu", "--precision", "fp32", "--batch-size", "4", "--sample-batch", "4",
                        "--steps", "1", "--repeats", "1", "--compile", "--out", out]) == 0
     assert len(made) == 2 and all(m.calls > 0 for m in made)  # the training phase's, then the sampling phase's
+    assert resets == [0, 1]  # each compiled from a clean slate
     assert json.load(open(out))["compile"] is True
     assert bench.main(["--device", "cpu", "--compile", "--processes", "1,2", "--out", out]) == 2
     assert "--compile times one process" in capsys.readouterr().err

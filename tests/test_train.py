@@ -208,7 +208,7 @@ def test_sampling_draws_with_the_ema_weights_not_the_raw_ones(workspace):
 
 
 def test_bf16_training_gives_a_finite_falling_loss(mnist_root):
-    """The default precision on CPUs and GPUs with native bf16: autocast around the network only."""
+    """The default precision on CPUs with native bf16 (GPUs default to fp32): autocast around the network only."""
     torch.manual_seed(0)
     x0 = data.to_model_range(data.load_mnist(mnist_root)[0][:8])
     cfg = dict(training.DEFAULTS, lr=3e-3, warmup=1)

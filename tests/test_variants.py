@@ -116,7 +116,7 @@ def test_the_default_mlp_is_512_wide_3_blocks_deep_and_sees_the_timestep():
                                    ["--arch", "mlp", "--width", "32", "--depth", "2", "--objective", "x0"]])
 def test_a_checkpoint_records_and_restores_objective_loss_and_network(tmp_path, mnist_root, flags, monkeypatch,
                                                                       capsys):
-    tiny = [f for f in TINY]
+    tiny = list(TINY)
     if "mlp" in flags:  # the U-Net's shape flags do not apply to the MLP
         for flag in ("--channels", "--blocks"):
             i = tiny.index(flag)
@@ -193,7 +193,7 @@ def test_a_mean_run_under_the_bound_says_what_it_measured(tmp_path, mnist_root, 
     says so and names the flags that train the same network as eps; under another weighting there is nothing to
     say. A resumed older form (output at x_0's scale) gets its own note, not eq. 11's numbers."""
     ckpt_dir = str(tmp_path / "ckpt")
-    tiny = [f for f in TINY]
+    tiny = list(TINY)
     tiny[tiny.index("--timesteps") + 1] = timesteps
     assert run.main(["--mode", "train", "--train-steps", "1", "--data-dir", mnist_root, "--ckpt-dir", ckpt_dir,
                      *tiny, "--objective", "mean", *flags]) == 0

@@ -17,7 +17,8 @@ from errors import UserError
 FORMAT = "mnist-ddpm/1"  # written into every checkpoint, checked on load
 # Settings added after the first checkpoints, with what those earlier runs trained with.
 ADDED_SETTINGS = dict(conditional=False, label_dropout=0.0, schedule="constant", arch="unet", objective="eps",
-                      loss="mse", ema_length=None, weighting="uniform", attention=False, dataset="mnist")
+                      loss="mse", ema_length=None, weighting="uniform", attention=False, dataset="mnist",
+                      adam_beta2=0.999)
 
 
 def write_atomic(path, write):

@@ -22,7 +22,7 @@ from hardware import pick_hardware
 from model import UNetConfig
 from sample import (DEFAULT_GUIDANCE, DEFAULT_GUIDE_WEIGHT, DEFAULT_INTERVAL_SHARE, DEFAULT_SAMPLER, DEFAULT_STEPS,
                     GUIDED_GUIDANCE, SAMPLERS, SampleSettings, sample)
-from train import DEFAULT_EPOCHS, DEFAULTS, MEAN_TIMESTEPS, TrainSettings, train
+from train import DEFAULT_EPOCHS, DEFAULTS, MEAN_TIMESTEPS, SCHEDULES, TrainSettings, train
 
 # Flags a mode would ignore are refused rather than silently dropped.
 # --dataset is a training setting that sample and eval take as a check of the checkpoint.
@@ -140,9 +140,12 @@ def build_parser():
                         "ends first (the lr schedule follows it)")
     g.add_argument("--batch-size", type=positive_int, metavar="N", help=f"default {D['batch_size']}")
     g.add_argument("--lr", type=positive_float, help=f"AdamW learning rate (default {D['lr']})")
+    g.add_argument("--adam-beta2", type=decay_rate, metavar="B",
+                   help="AdamW's second-moment decay: how many recent steps set each weight's step size, about "
+                        f"1 / (1 - B) (default {D['adam_beta2']})")
     g.add_argument("--warmup", type=positive_int, metavar="N", help=f"steps of linear lr warm-up (default {D['warmup']})")
-    g.add_argument("--schedule", choices=["cosine", "constant"],
-                   help=f"lr after warm-up: cosine decay to 0 at the end of the budget, or constant "
+    g.add_argument("--schedule", choices=SCHEDULES,
+                   help=f"lr after warm-up: cosine or linear decay to 0 at the end of the budget, or constant "
                         f"(default {D['schedule']})")
     g.add_argument("--ema-decay", type=decay_rate, metavar="D",
                    help="the classic EMA instead of the power EMA: after n updates the decay is min(D, "

@@ -159,6 +159,9 @@ def test_learning_rate_warms_up_then_follows_the_budget():
     assert training.learning_rate(cfg, 0, 0.0) == 0.1 and training.learning_rate(cfg, 9, 0.0) == 1.0
     assert training.learning_rate(cfg, 100, 0.5) == pytest.approx(0.5) and training.learning_rate(cfg, 100, 1.0) == 0
     assert training.learning_rate(dict(cfg, schedule="constant"), 100, 0.9) == 1.0
+    linear = dict(cfg, schedule="linear")
+    assert training.learning_rate(linear, 100, 0.25) == pytest.approx(0.75)  # the cosine is at 0.85 there
+    assert training.learning_rate(linear, 100, 1.0) == 0 and training.learning_rate(linear, 100, 1.2) == 0
 
 
 def test_a_minutes_budget_ends_the_run_saves_and_survives_resume(workspace, tmp_path, capsys):
@@ -222,6 +225,13 @@ def test_bf16_training_gives_a_finite_falling_loss(mnist_root):
     assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model(x0, torch.zeros(8, dtype=torch.long)).dtype == torch.float32  # the output head runs in fp32
+
+
+def test_the_optimizer_takes_the_runs_second_moment_decay():
+    net = {"arch": "mlp", "width": 8, "depth": 1}
+    for beta2 in (0.999, 0.99):
+        _, _, opt = training.make_trainable(net, dict(training.DEFAULTS, adam_beta2=beta2), torch.device("cpu"))
+        assert opt.param_groups[0]["betas"] == (0.9, beta2)
 
 
 def test_power_ema_averages_the_last_share_of_the_run_it_is_given():

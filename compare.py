@@ -113,6 +113,9 @@ LEVERS = {
     "batch 128": {"batch_size": 128},
     "lr 5e-4": {"lr": 5e-4},
     "lr 2e-3": {"lr": 2e-3},
+    "linear decay": {"schedule": "linear"},
+    "adam beta2 0.99": {"adam_beta2": 0.99},
+    "batch 32": {"batch_size": 32},
     "warm-up 50": {"warmup": 50},
     "label dropout 0.2": {"label_dropout": 0.2},
     "32 channels at 28 px": {"channels": (32, 64, 256)},  # issue 16 screens it only if it costs <= 15% images/s

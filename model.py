@@ -87,7 +87,6 @@ class SelfAttention(nn.Module):
     def __init__(self, ch, groups, heads=4):
         super().__init__()
         self.norm = nn.GroupNorm(groups, ch)
-        self.heads = heads
         self.attn = nn.MultiheadAttention(ch, heads, batch_first=True)  # holds the projections' weights
         nn.init.zeros_(self.attn.out_proj.weight)
         nn.init.zeros_(self.attn.out_proj.bias)
@@ -95,12 +94,13 @@ class SelfAttention(nn.Module):
     def forward(self, x):
         b, c, hgt, wid = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
-        # nn.MultiheadAttention's own forward, written out: over 49 positions its fused CPU kernel trains at half
-        # this speed in bf16. q, k, v: (B, heads, H*W, C / heads).
-        q, k, v = F.linear(tokens, self.attn.in_proj_weight, self.attn.in_proj_bias).unflatten(
-            -1, (3, self.heads, c // self.heads)).permute(2, 0, 3, 1, 4)
-        weights = (q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5).softmax(dim=-1)
-        out = F.linear((weights @ v).transpose(1, 2).flatten(2), self.attn.out_proj.weight, self.attn.out_proj.bias)
+        # nn.MultiheadAttention's own forward, written out: over 7 x 7 positions the fused CPU kernel it calls takes
+        # twice as long for the block's forward and backward in bf16. q, k, v: (B, heads, H*W, C / heads).
+        a = self.attn
+        qkv = F.linear(tokens, a.in_proj_weight, a.in_proj_bias).unflatten(-1, (3, a.num_heads, a.head_dim))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        weights = (q @ k.transpose(-2, -1) * a.head_dim ** -0.5).softmax(dim=-1)  # (B, heads, H*W, H*W)
+        out = F.linear((weights @ v).transpose(1, 2).flatten(2), a.out_proj.weight, a.out_proj.bias)
         return x + out.transpose(1, 2).reshape(b, c, hgt, wid)
 
 

@@ -133,8 +133,8 @@ def build_parser():
     g.add_argument("--minutes", type=positive_float, metavar="M",
                    help="wall-clock budget of the run in minutes, kept across --resume; with --epochs, "
                         "whichever ends first. The lr schedule and the end of training follow the budget; "
-                        "extending a run with --resume stretches the cosine over the new budget, so the lr "
-                        "rises again")
+                        "extending a run with --resume stretches the decay (cosine or linear) over the new "
+                        "budget, so the lr rises again")
     g.add_argument("--train-steps", type=positive_int, metavar="N",
                    help="optimizer steps of the run, kept across --resume; with --epochs or --minutes, whichever "
                         "ends first (the lr schedule follows it)")

@@ -38,9 +38,10 @@ from model import MLPConfig, PointMLPConfig, UNetConfig, build_network, count_pa
 
 # The settings that define a run. A new run takes these unless told otherwise; a resumed run takes its
 # checkpoint's, and a setting given on resume must agree with the checkpoint's.
-DEFAULTS = dict(dataset="mnist", arch="unet", channels=UNetConfig.channels, blocks=UNetConfig.blocks, width=MLPConfig.width,
-                depth=MLPConfig.depth, objective="x0", loss="mse", timesteps=1000, batch_size=64, lr=1e-3,
-                adam_beta2=0.999, warmup=200, schedule="cosine", ema_decay=0.999, ema_length=0.1, seed=0, conditional=True, label_dropout=0.1, weighting="p2", attention=False)
+DEFAULTS = dict(dataset="mnist", arch="unet", channels=UNetConfig.channels, blocks=UNetConfig.blocks,
+                width=MLPConfig.width, depth=MLPConfig.depth, objective="x0", loss="mse", timesteps=1000,
+                batch_size=64, lr=1e-3, adam_beta2=0.999, warmup=200, schedule="cosine", ema_decay=0.999,
+                ema_length=0.1, seed=0, conditional=True, label_dropout=0.1, weighting="p2", attention=False)
 # A new posterior-mean run on MNIST under the bound (vlb): T = 100, where the bound weighs the last steps less
 # than at 1000 and the mean's own ancestral sampler takes 100 steps; at the default's 20-minute steps it drew FID
 # 153 with dpm2m (106 with its own DDPM step) against 213 at T = 1000 (docs/variants.md).
@@ -481,8 +482,9 @@ class Trainer:
         where = f"{w} processes (DDP, {cfg['batch_size'] // w} of each batch apiece), " if w > 1 else ""
         print(f"{cfg['arch']} {count_parameters(self.model):,} parameters, {self.shape}; predicts "
               f"{cfg['objective']}, {cfg['loss']} loss, {cfg['weighting']} weighting; T={cfg['timesteps']}; {kind}; "
-              f"lr {cfg['lr']:g}, {ema}; {len(self.data):,} {'images' if cfg['dataset'] == 'mnist' else 'points'}, "
-              f"{self.n_batches} batches of {cfg['batch_size']}; budget {budget}; {where}device {self.device.type}, "
+              f"lr {cfg['lr']:g} {cfg['schedule']}, AdamW beta2 {cfg['adam_beta2']:g}, {ema}; {len(self.data):,} "
+              f"{'images' if cfg['dataset'] == 'mnist' else 'points'}, {self.n_batches} batches of "
+              f"{cfg['batch_size']}; budget {budget}; {where}device {self.device.type}, "
               f"{'bf16' if self.amp else 'fp32'}; run {self.run_dir}")
         if cfg["objective"] != "mean" or cfg["dataset"] != "mnist":
             return

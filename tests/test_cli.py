@@ -157,6 +157,8 @@ def test_resume_with_a_different_configuration(capsys, workspace):
                   "was trained with --timesteps 20, not 30")
     fails_cleanly(capsys, workspace, args(workspace, "--mode", "train", "--resume", "--channels", "8,16,64"),
                   "was trained with --channels 8,16,32, not 8,16,64")
+    fails_cleanly(capsys, workspace, args(workspace, "--mode", "train", "--resume", "--adam-beta2", "0.99"),
+                  "was trained with --adam-beta2 0.999, not 0.99")
 
 
 def test_missing_mnist_without_network(capsys, workspace, tmp_path, monkeypatch):

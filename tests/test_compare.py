@@ -16,8 +16,8 @@ def test_levers_combine_left_to_right_and_unknown_ones_are_named():
     assert compare.lever("uniform weighting + batch 128 + eps prediction") == {"weighting": "uniform",
                                                                                 "batch_size": 128, "objective": "eps"}
     assert compare.lever("old default + batch 128 + lr 2e-3")["lr"] == 2e-3
-    with pytest.raises(UserError, match="unknown lever 'batch 32'"):
-        compare.lever("uniform weighting + batch 32")
+    with pytest.raises(UserError, match="unknown lever 'batch 16'"):
+        compare.lever("uniform weighting + batch 16")
 
 
 def test_each_lever_gets_the_steps_that_take_the_defaults_cpu_time():

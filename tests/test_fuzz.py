@@ -26,6 +26,7 @@ VALUES = {
     "--batch-size": ["16", "1", "0", "100000"],
     "--lr": ["1e-3", "0", "nan", "1e30"],
     "--warmup": ["1", "0", "1000"],
+    "--adam-beta2": ["0.99", "0", "1", "nan"],
     "--schedule": ["cosine", "constant", "linear", "step"],
     "--ema-decay": ["0.9", "0", "2", "nan"],
     "--seed": ["0", "-5", "x"],

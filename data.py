@@ -2,6 +2,7 @@
 heart, points on a heart-shaped curve (float, no labels), made on the spot."""
 import math
 import os
+from contextlib import contextmanager
 
 import torch
 
@@ -13,12 +14,31 @@ MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
 HEART_POINTS = 50_000  # the heart's training set: 195 batches of 256 an epoch
 
 
+@contextmanager
+def folder_lock(folder):
+    """Wait for, then hold, folder/.lock, so that processes that share the folder take turns. Unguarded where
+    there are no advisory locks (Windows) or the folder cannot be written."""
+    try:
+        import fcntl
+        os.makedirs(folder, exist_ok=True)
+        f = open(os.path.join(folder, ".lock"), "a")
+    except (ImportError, OSError):
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when f closes, or when the process ends however it ends
+        yield
+
+
 def load_mnist(root, train=True):
     """MNIST images (N, 28, 28) uint8 and labels (N,), downloaded by torchvision if missing."""
     from torchvision.datasets import MNIST
     raw = os.path.join(root, "MNIST", "raw")
     try:
-        ds = MNIST(root, train=train, download=True)
+        # torchvision unpacks the .gz files in place: a second process reading a half-unpacked file would fail
+        # (eight trainings started at once on a fresh folder did), so one process at a time.
+        with folder_lock(os.path.join(root, "MNIST")):
+            ds = MNIST(root, train=train, download=True)
         return ds.data, ds.targets
     except Exception as e:  # torchvision raises RuntimeError, URLError or OSError here
         raise UserError(f"MNIST is missing from {raw} and could not be downloaded ({type(e).__name__}); "

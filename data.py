@@ -16,17 +16,23 @@ HEART_POINTS = 50_000  # the heart's training set: 195 batches of 256 an epoch
 
 @contextmanager
 def folder_lock(folder):
-    """Wait for, then hold, folder/.lock, so that processes that share the folder take turns. Unguarded where
-    there are no advisory locks (Windows) or the folder cannot be written."""
+    """Wait for, then hold, folder/.unpack.lock (not the training's .lock, should --ckpt-dir be this folder), so
+    that processes sharing the folder take turns. Unguarded where there are no advisory locks (Windows, some
+    network file systems) or the folder cannot be written."""
     try:
         import fcntl
         os.makedirs(folder, exist_ok=True)
-        f = open(os.path.join(folder, ".lock"), "a")
+        f = open(os.path.join(folder, ".unpack.lock"), "a")
     except (ImportError, OSError):
+        f = None
+    if f is None:
         yield
         return
     with f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # released when f closes, or when the process ends however it ends
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when f closes, or when the process ends however it ends
+        except OSError:
+            pass
         yield
 
 

@@ -23,14 +23,14 @@ def test_a_second_reader_of_the_mnist_folder_waits_for_the_first(tmp_path, monke
     lock = tmp_path / "MNIST" / ".unpack.lock"
     ran = []
 
-    class Probe:  # stands in for torchvision's MNIST: notes whether the lock was held while it ran
+    class Probe:  # stands in for torchvision's MNIST: notes whether the first had let go, and who holds the lock
         def __init__(self, root, train, download):
             with open(lock) as other:  # another open file, as another process would have
                 try:
                     fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    ran.append("unlocked")
+                    ran.append((first.closed, "unlocked"))
                 except BlockingIOError:
-                    ran.append("locked")
+                    ran.append((first.closed, "locked"))
             raise RuntimeError("no files")
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", Probe)
@@ -44,6 +44,6 @@ def test_a_second_reader_of_the_mnist_folder_waits_for_the_first(tmp_path, monke
     assert ran == []  # still waiting
     first.close()
     second.join(5)
-    assert ran == ["locked"] and "MNIST is missing" in str(errors[0].value)
+    assert ran == [(True, "locked")] and "MNIST is missing" in str(errors[0].value)  # ran after the first, locked
     with open(lock) as f:  # released after the failed read
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

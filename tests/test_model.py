@@ -68,8 +68,8 @@ def test_the_written_out_attention_is_multihead_attention():
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(2, 32, 7, 7)
     tokens = block.norm(x).flatten(2).transpose(1, 2)
-    expected = x + block.attn(tokens, tokens, tokens, need_weights=False)[0].transpose(1, 2).reshape(x.shape)
-    assert torch.allclose(block(x), expected, atol=1e-5)
+    attended = block.attn(tokens, tokens, tokens, need_weights=False)[0].transpose(1, 2).reshape(x.shape)
+    assert torch.allclose(block(x), x + attended, atol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # as it trains on a CPU with bf16: every product rounded
-        low = block(x)
-    assert (low.float() - expected).abs().max() < 0.05 * expected.abs().max()
+        low = block(x).float() - x
+    assert (low - attended).abs().max() < 0.03 * attended.abs().max()  # 0.017 measured

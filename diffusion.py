@@ -26,13 +26,16 @@ MEAN_SKIPS = ("none", "xt", "ct", "ct-c0", "eps")
 #   uniform: t uniform, the objective's loss unweighted (for eps: w = SNR, Ho et al. 2020 eq. 14)
 #   min-snr: t uniform, w = min(SNR, 5) (Hang et al. 2023, "Efficient diffusion training via Min-SNR")
 #   p2: t uniform, w = SNR / (1 + SNR) (Choi et al. 2022, "Perception prioritized training", k=1, gamma=1)
+#   p2-drawn: p2's loss by importance: t drawn in proportion to its weight in the objective's units, each draw
+#             unweighted. For x0 that weight is alpha_bar_t: the 40% of uniform draws past t = 600, which p2
+#             weighs under 0.03 (0.7% of its loss), become 0.7% of the draws, and the median draw is t = 149
 #   lognormal: t drawn so that EDM's ln sigma ~ N(-1.2, 1.2) (Karras et al. 2022), the objective's loss
 #              unweighted: few draws near pure noise, where uniform t spends about 40% of them
 #   vlb: the variational bound's own weight, || mu - mu_theta ||^2 / (2 beta_t) on the posterior mean (DDPM
 #        eq. 8 with sigma_t^2 = beta_t), i.e. w = c0^2 / (2 beta_t) on the x0 error, by importance: t drawn
 #        in proportion to w in the objective's units, the loss unweighted. The default of the posterior-mean
 #        objective, which fails unweighted (DDPM Table 2)
-WEIGHTINGS = ("uniform", "min-snr", "p2", "lognormal", "vlb")
+WEIGHTINGS = ("uniform", "min-snr", "p2", "p2-drawn", "lognormal", "vlb")
 MIN_SNR_GAMMA = 5.0
 LOGNORMAL_MEAN, LOGNORMAL_STD = -1.2, 1.2
 LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
@@ -110,6 +113,9 @@ class Diffusion:
             return (snr.clamp(max=MIN_SNR_GAMMA) / per_x0).float(), None
         if self.weighting == "p2":
             return (snr / (1 + snr) / per_x0).float(), None
+        if self.weighting == "p2-drawn":
+            w = snr / (1 + snr) / per_x0
+            return None, (w / w.sum()).float()
         if self.weighting == "vlb":
             # Drawn by importance (Nichol & Dhariwal 2021, section 3.3): t ~ w(t), each draw unweighted, is the
             # same loss in expectation as w(t) on uniform t, without the weights' spread in each batch (for eps,

@@ -294,6 +294,34 @@ def test_the_loss_under_vlb_is_the_bound_on_uniform_t_in_expectation():
     assert loss == pytest.approx((w * off(torch.arange(1000)) ** 2).mean().item(), rel=0.02)
 
 
+@pytest.mark.parametrize("objective", OBJECTIVES_AND_SKIPS)
+def test_p2_drawn_draws_t_in_proportion_to_p2s_weight(objective):
+    """p2-drawn is p2's loss by importance: t with probability in proportion to p2's weight in the objective's
+    units, each draw unweighted."""
+    p2, drawn = diffusion_for(objective, weighting="p2"), diffusion_for(objective, weighting="p2-drawn")
+    assert drawn.t_weight is None and drawn.t_probs.sum().item() == pytest.approx(1.0, abs=1e-5)
+    w = p2.t_weight.double()
+    assert torch.allclose(drawn.t_probs.double(), w / w.sum(), rtol=1e-4)
+    if objective == "x0":  # the weight on the x0 error is alpha_bar: few draws near pure noise
+        assert drawn.t_probs[600:].sum() < 0.01 and drawn.t_probs[:300].sum() > 0.8
+
+
+def test_the_loss_under_p2_drawn_is_p2s_loss_over_its_mean_weight_in_expectation():
+    """A network off by f(t) everywhere: p2 on uniform t gives mean_t w(t) f(t)^2, p2-drawn the same over the
+    weight's mean (each draw counts 1, not w(t))."""
+    x0 = torch.rand(200_000, 1, 1, 1) * 2 - 1
+    off = lambda t: 0.1 + (t.double() / 999)
+    losses = []
+    for weighting in ("p2", "p2-drawn"):
+        d = Diffusion(1000, objective="x0", weighting=weighting)
+        torch.manual_seed(0)
+        losses.append(d.loss(lambda xt, t: x0 + off(t).view(-1, 1, 1, 1).float(), x0).item())
+    w = Diffusion(1000, objective="x0", weighting="p2").t_weight.double()
+    exact = (w * off(torch.arange(1000)) ** 2).mean().item()
+    assert losses[0] == pytest.approx(exact, rel=0.02)
+    assert losses[1] == pytest.approx(exact / w.mean().item(), rel=0.02)
+
+
 def test_lognormal_draws_few_timesteps_near_pure_noise():
     d = Diffusion(1000, weighting="lognormal")
     assert d.t_weight is None and d.t_probs.sum().item() == pytest.approx(1.0, abs=1e-6)

@@ -18,7 +18,7 @@ FORMAT = "mnist-ddpm/1"  # written into every checkpoint, checked on load
 # Settings added after the first checkpoints, with what those earlier runs trained with.
 ADDED_SETTINGS = dict(conditional=False, label_dropout=0.0, schedule="constant", arch="unet", objective="eps",
                       loss="mse", ema_length=None, weighting="uniform", attention=False, dataset="mnist",
-                      adam_beta2=0.999)
+                      adam_beta2=0.999, up_conv="high")
 
 
 def write_atomic(path, write):
@@ -192,11 +192,12 @@ def reconcile(given, defaults, ckpt=None, path=None):
                             f"--ema-decay to resume, or train a new run without --resume")
         cfg["ema_length"] = None
     arch = "points" if cfg["dataset"] == "heart" else cfg["arch"]  # a new heart run gets its arch after this
-    other = {"unet": ("width", "depth"), "mlp": ("channels", "blocks", "attention"),
-             "points": ("channels", "blocks", "attention")}[arch]
+    other = {"unet": ("width", "depth"), "mlp": ("channels", "blocks", "attention", "up_conv"),
+             "points": ("channels", "blocks", "attention", "up_conv")}[arch]
     for key in other:
         if given.get(key) is not None:
             what = "--dataset heart (its point MLP takes --width and --depth)" if arch == "points" else (
-                f"--arch {arch} (--channels, --blocks and --attention shape the U-Net, --width and --depth the MLP)")
-            raise UserError(f"--{key} does not apply to {what}; drop it", everywhere=True)
+                f"--arch {arch} (--channels, --blocks, --attention and --up-conv shape the U-Net, --width and --depth "
+                "the MLP)")
+            raise UserError(f"--{key.replace('_', '-')} does not apply to {what}; drop it", everywhere=True)
     return cfg

@@ -19,7 +19,7 @@ from diffusion import LOSSES, MIN_TIMESTEPS, OBJECTIVES, WEIGHTINGS
 from errors import UserError
 from evaluate import evaluate
 from hardware import pick_hardware
-from model import UNetConfig
+from model import UP_CONVS, UNetConfig
 from sample import (DEFAULT_GUIDANCE, DEFAULT_GUIDE_WEIGHT, DEFAULT_INTERVAL_SHARE, DEFAULT_SAMPLER, DEFAULT_STEPS,
                     GUIDED_GUIDANCE, SAMPLERS, SampleSettings, sample)
 from train import DEFAULT_EPOCHS, DEFAULTS, MEAN_TIMESTEPS, SCHEDULES, TrainSettings, train
@@ -180,6 +180,9 @@ def build_parser():
                    help=f"residual blocks per level (default {fmt(D['blocks'])})")
     g.add_argument("--attention", action="store_true", default=None,
                    help="add a self-attention block at the U-Net's 7x7 level (default: none)")
+    g.add_argument("--up-conv", choices=UP_CONVS,
+                   help="where the U-Net's upsampling convs run: after the 2x resize (high) or before it, at the "
+                        f"lower resolution, 4x fewer FLOPs (low) (default {D['up_conv']})")
     g.add_argument("--unconditional", dest="conditional", action="store_false", default=None,
                    help="train without digit labels (default: with labels, so the run can also draw a chosen digit)")
     g.add_argument("--label-dropout", type=fraction, metavar="P",

@@ -92,6 +92,8 @@ def args(workspace, *argv):
     (["--mode", "train", "--ema-length", "0.1", "--ema-decay", "0.99"], "choose between two EMAs; give one"),
     (["--mode", "train", "--weighting", "snr"], "--weighting: invalid choice: 'snr'"),
     (["--mode", "train", "--arch", "mlp", "--attention"], "--attention does not apply to --arch mlp"),
+    (["--mode", "train", "--arch", "mlp", "--up-conv", "low"], "--up-conv does not apply to --arch mlp"),
+    (["--mode", "train", "--dataset", "heart", "--up-conv", "low"], "--up-conv does not apply to --dataset heart"),
     (["--mode", "train", "--resume", "--epochs", "1"], "has already used its budget"),
 ])
 def test_bad_arguments(capsys, workspace, argv, expect):
@@ -159,6 +161,8 @@ def test_resume_with_a_different_configuration(capsys, workspace):
                   "was trained with --channels 8,16,32, not 8,16,64")
     fails_cleanly(capsys, workspace, args(workspace, "--mode", "train", "--resume", "--adam-beta2", "0.99"),
                   "was trained with --adam-beta2 0.999, not 0.99")
+    fails_cleanly(capsys, workspace, args(workspace, "--mode", "train", "--resume", "--up-conv", "low"),
+                  "was trained with --up-conv high, not low")
 
 
 def test_missing_mnist_without_network(capsys, workspace, tmp_path, monkeypatch):

@@ -1,5 +1,7 @@
 """The U-Net: shapes, size, and that it listens to its timestep."""
+import pytest
 import torch
+import torch.nn.functional as F
 
 from ckpt import FORMAT, load_checkpoint, save_checkpoint
 from model import SelfAttention, UNet, UNetConfig, build_network, count_parameters
@@ -58,6 +60,28 @@ def test_the_attention_block_starts_as_the_identity_and_then_learns():
     torch.nn.init.normal_(attn.middle.attn.out_proj.weight)
     assert not torch.allclose(plain(x, t, y), attn(x, t, y), atol=1e-3)
     assert isinstance(build_network({"arch": "unet", "channels": [8, 16, 32]}).middle, torch.nn.Identity)
+
+
+def test_the_upsampling_conv_runs_after_the_resize_or_before_it():
+    """up_conv "high" (the original, and what checkpoints without the key build) resizes 2x and then convolves;
+    "low" convolves at the lower resolution and then resizes: the same weights, a quarter of the FLOPs."""
+    torch.manual_seed(0)
+    high = UNet(UNetConfig(channels=(8, 16, 32)))
+    low = UNet(UNetConfig(channels=(8, 16, 32), up_conv="low"))
+    assert count_parameters(low) == count_parameters(high)
+    h = torch.randn(2, 32, 7, 7)
+    conv_high, conv_low = high.upsample[0][1], low.upsample[0][0]
+    conv_low.load_state_dict(conv_high.state_dict())
+    torch.testing.assert_close(high.upsample[0](h), conv_high(F.interpolate(h, scale_factor=2, mode="nearest")))
+    torch.testing.assert_close(low.upsample[0](h), F.interpolate(conv_high(h), scale_factor=2, mode="nearest"))
+    assert not torch.allclose(low.upsample[0](h), high.upsample[0](h), atol=1e-3)
+    for p in low.parameters():  # undo the zero init, so every path contributes
+        torch.nn.init.normal_(p, std=0.1)
+    assert low(torch.randn(3, 1, 28, 28), torch.tensor([1, 400, 900])).shape == (3, 1, 28, 28)
+    old = build_network({"arch": "unet", "channels": [8, 16, 32]})
+    assert isinstance(old.upsample[0][0], torch.nn.Upsample) and old.cfg.up_conv == "high"
+    with pytest.raises(ValueError, match="up_conv must be one of"):
+        UNet(UNetConfig(channels=(8, 16, 32), up_conv="middle"))
 
 
 def test_the_written_out_attention_is_multihead_attention():

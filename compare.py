@@ -122,7 +122,6 @@ LEVERS = {
     "32 channels at 28 px": {"channels": (32, 64, 256)},  # issue 16 screens it only if it costs <= 15% images/s
     "attention at 7 px": {"attention": True},
     "upsampling convs at low res": {"up_conv": "low"},
-    "32 channels at 28 px, upsampling convs low": {"channels": (32, 64, 256), "up_conv": "low"},
 }
 
 # Issue 17's variants against the default (x0 prediction, mse, the U-Net): what the network predicts, the loss

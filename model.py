@@ -133,7 +133,7 @@ class UNet(nn.Module):
 
         # Up: from the bottom, upsample, concatenate the skip of that level, then blocks. The upsampling is a 2x
         # nearest resize and a 3x3 conv to the level's width, in either order (up_conv): the conv from 256 to 64
-        # channels at 14x14 costs as much as a 256-channel conv at 7x7, a sixth of the training step on a CPU.
+        # channels at 14x14 costs as much as a 256-channel conv at 7x7, a seventh of the training step on a CPU.
         if cfg.up_conv not in UP_CONVS:
             raise ValueError(f"up_conv must be one of {UP_CONVS}, not {cfg.up_conv!r}")
         self.upsample, self.up = nn.ModuleList(), nn.ModuleList()

@@ -167,8 +167,8 @@ def build_parser():
     g.add_argument("--loss", choices=list(LOSSES), help="the regression loss on that target (default mse)")
     g.add_argument("--weighting", choices=WEIGHTINGS,
                    help="where the loss is spent over t: uniform t, unweighted (DDPM); min-snr: x0 error weighted "
-                        "min(SNR, 5); p2: weighted SNR/(1+SNR); p2-drawn: the same loss with t drawn in proportion to p2's "
-                        "weight, each draw unweighted; lognormal: t drawn with EDM's ln sigma ~ "
+                        "min(SNR, 5); p2: weighted SNR/(1+SNR); p2-drawn: p2's loss over its mean weight, t drawn in "
+                        "proportion to p2's weight, each draw unweighted; lognormal: t drawn with EDM's ln sigma ~ "
                         "N(-1.2, 1.2), few draws near pure noise; vlb: the variational bound's weight, "
                         "1/(2 beta_t) on the posterior mean, as t drawn in proportion to it "
                         f"(default {D['weighting']}; vlb for --objective mean)")

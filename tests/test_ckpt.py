@@ -83,6 +83,7 @@ def test_ema_decay_asks_for_the_classic_ema_and_cannot_switch_a_power_ema_run():
     with pytest.raises(UserError, match="was trained with --ema-length 0.1; drop --ema-decay"):
         ckpt.reconcile({"ema_decay": train.DEFAULTS["ema_decay"]}, train.DEFAULTS, saved, "run_001/ckpt.pt")
     # A run from before the power EMA resumes with its classic EMA.
-    old = {"train_config": {k: v for k, v in train.DEFAULTS.items() if k not in ("ema_length", "weighting", "attention", "up_conv")}}
+    added = ("ema_length", "weighting", "attention", "up_conv")
+    old = {"train_config": {k: v for k, v in train.DEFAULTS.items() if k not in added}}
     assert ckpt.reconcile({}, train.DEFAULTS, old, "old.pt")["ema_length"] is None
     assert ckpt.reconcile({}, train.DEFAULTS, old, "old.pt")["up_conv"] == "high"  # from before --up-conv

@@ -37,6 +37,8 @@ def test_the_cost_of_a_step_depends_on_the_network_and_batch_only():
     assert compare.cost_key("batch 128") != compare.cost_key("default")
     assert compare.cost_key("32 channels at 28 px") != compare.cost_key("default")
     assert compare.cost_key("attention at 7 px") != compare.cost_key("default")
+    assert compare.cost_key("upsampling convs at low res") != compare.cost_key("default")
+    assert not [name for name in compare.KNOWN if "," in name or " + " in name]  # --only splits on both
 
 
 def test_an_unmeasured_recipe_takes_the_speed_of_a_measured_one_of_the_same_cost():

@@ -113,7 +113,8 @@ def test_the_default_mlp_is_512_wide_3_blocks_deep_and_sees_the_timestep():
 
 
 @pytest.mark.parametrize("flags", [["--objective", "mean", "--loss", "l1"],
-                                   ["--arch", "mlp", "--width", "32", "--depth", "2", "--objective", "x0"]])
+                                   ["--arch", "mlp", "--width", "32", "--depth", "2", "--objective", "x0"],
+                                   ["--up-conv", "low", "--objective", "x0"]])
 def test_a_checkpoint_records_and_restores_objective_loss_and_network(tmp_path, mnist_root, flags, monkeypatch,
                                                                       capsys):
     tiny = list(TINY)

@@ -111,11 +111,9 @@ class Diffusion:
         per_x0 = {"eps": snr, "x0": torch.ones_like(snr), "mean": (coef_x0 / out_scale) ** 2}[self.objective]
         if self.weighting == "min-snr":
             return (snr.clamp(max=MIN_SNR_GAMMA) / per_x0).float(), None
-        if self.weighting == "p2":
-            return (snr / (1 + snr) / per_x0).float(), None
-        if self.weighting == "p2-drawn":
+        if self.weighting in ("p2", "p2-drawn"):
             w = snr / (1 + snr) / per_x0
-            return None, (w / w.sum()).float()
+            return (w.float(), None) if self.weighting == "p2" else (None, (w / w.sum()).float())
         if self.weighting == "vlb":
             # Drawn by importance (Nichol & Dhariwal 2021, section 3.3): t ~ w(t), each draw unweighted, is the
             # same loss in expectation as w(t) on uniform t, without the weights' spread in each batch (for eps,

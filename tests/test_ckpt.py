@@ -85,5 +85,5 @@ def test_ema_decay_asks_for_the_classic_ema_and_cannot_switch_a_power_ema_run():
     # A run from before the power EMA resumes with its classic EMA.
     added = ("ema_length", "weighting", "attention", "up_conv")
     old = {"train_config": {k: v for k, v in train.DEFAULTS.items() if k not in added}}
-    assert ckpt.reconcile({}, train.DEFAULTS, old, "old.pt")["ema_length"] is None
-    assert ckpt.reconcile({}, train.DEFAULTS, old, "old.pt")["up_conv"] == "high"  # from before --up-conv
+    resumed = ckpt.reconcile({}, train.DEFAULTS, old, "old.pt")
+    assert resumed["ema_length"] is None and resumed["up_conv"] == "high"  # nor had it --up-conv

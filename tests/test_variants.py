@@ -133,6 +133,8 @@ def test_a_checkpoint_records_and_restores_objective_loss_and_network(tmp_path, 
     # The posterior mean trains under the variational bound's weighting unless told otherwise.
     assert ckpt["diffusion_config"]["weighting"] == ("vlb" if objective == "mean" else "p2")
     assert ckpt["model_config"]["arch"] == ("mlp" if "mlp" in flags else "unet")
+    up_conv = "low" if "--up-conv" in flags else "high"
+    assert ckpt["model_config"].get("up_conv", "high") == up_conv  # the MLP has none
     net = build_network(ckpt["model_config"])
     net.load_state_dict(ckpt["ema"])
     assert type(net).__name__ == ("MLP" if "mlp" in flags else "UNet")
@@ -140,7 +142,9 @@ def test_a_checkpoint_records_and_restores_objective_loss_and_network(tmp_path, 
     # Resuming keeps them, and sampling uses them, without being told.
     assert run.main(["--mode", "train", "--resume", "--epochs", "2", "--data-dir", mnist_root,
                      "--ckpt-dir", ckpt_dir, "--device", "cpu", "--precision", "fp32"]) == 0
-    resumed = load_checkpoint(latest_checkpoint(ckpt_dir))["diffusion_config"]
+    resumed_ckpt = load_checkpoint(latest_checkpoint(ckpt_dir))
+    assert resumed_ckpt["model_config"].get("up_conv", "high") == up_conv
+    resumed = resumed_ckpt["diffusion_config"]
     assert resumed["objective"] == objective
     assert resumed["timesteps"] == 20  # TINY's, not a new mean run's MEAN_TIMESTEPS
     applied, real_predict = set(), Diffusion.predict_x0

@@ -18,7 +18,7 @@ FORMAT = "mnist-ddpm/1"  # written into every checkpoint, checked on load
 # Settings added after the first checkpoints, with what those earlier runs trained with.
 ADDED_SETTINGS = dict(conditional=False, label_dropout=0.0, schedule="constant", arch="unet", objective="eps",
                       loss="mse", ema_length=None, weighting="uniform", attention=False, dataset="mnist",
-                      adam_beta2=0.999, up_conv="high")
+                      adam_beta2=0.999, up_conv="high", scale_shift=False)
 
 
 def write_atomic(path, write):
@@ -172,8 +172,11 @@ def reconcile(given, defaults, ckpt=None, path=None):
         if value is None:
             continue
         if ckpt and value != cfg[key]:
-            if key == "conditional":  # the one setting that is a switch: --unconditional
+            if key == "conditional":  # the one switch that turns something off: --unconditional
                 flag, was = "--unconditional", "labels"
+            elif isinstance(value, bool):  # --attention, --scale-shift
+                flag = "--" + key.replace("_", "-")
+                was = f"{'' if cfg[key] else 'out '}{flag}"
             else:
                 flag = "--" + key.replace("_", "-")
                 was = f"{flag} {fmt(cfg[key])}, not {fmt(value)}"
@@ -192,12 +195,12 @@ def reconcile(given, defaults, ckpt=None, path=None):
                             f"--ema-decay to resume, or train a new run without --resume")
         cfg["ema_length"] = None
     arch = "points" if cfg["dataset"] == "heart" else cfg["arch"]  # a new heart run gets its arch after this
-    other = {"unet": ("width", "depth"), "mlp": ("channels", "blocks", "attention", "up_conv"),
-             "points": ("channels", "blocks", "attention", "up_conv")}[arch]
+    other = {"unet": ("width", "depth"), "mlp": ("channels", "blocks", "attention", "up_conv", "scale_shift"),
+             "points": ("channels", "blocks", "attention", "up_conv", "scale_shift")}[arch]
     for key in other:
         if given.get(key) is not None:
             what = "--dataset heart (its point MLP takes --width and --depth)" if arch == "points" else (
-                f"--arch {arch} (--channels, --blocks, --attention and --up-conv shape the U-Net, --width and --depth "
+                f"--arch {arch} (--channels, --blocks, --attention, --up-conv and --scale-shift shape the U-Net, --width and --depth "
                 "the MLP)")
             raise UserError(f"--{key.replace('_', '-')} does not apply to {what}; drop it", everywhere=True)
     return cfg

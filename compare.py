@@ -122,6 +122,7 @@ LEVERS = {
     "32 channels at 28 px": {"channels": (32, 64, 256)},  # issue 16 screens it only if it costs <= 15% images/s
     "attention at 7 px": {"attention": True},
     "upsampling convs at low res": {"up_conv": "low"},
+    "scale-shift norm": {"scale_shift": True},
 }
 
 # Issue 17's variants against the default (x0 prediction, mse, the U-Net): what the network predicts, the loss
@@ -165,7 +166,8 @@ def cost_key(name):
     """What a training step's cost depends on: the network and the batch (the loss weighting, objective,
     learning rate and EMA cost next to nothing)."""
     cfg = {**DEFAULTS, **lever(name)}
-    return tuple(cfg[k] for k in ("arch", "channels", "blocks", "attention", "up_conv", "width", "depth", "batch_size"))
+    return tuple(cfg[k] for k in ("arch", "channels", "blocks", "attention", "up_conv", "scale_shift", "width", "depth",
+                                       "batch_size"))
 
 
 def lever_speeds(names, device, amp, steps=8, repeats=3):

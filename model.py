@@ -23,6 +23,8 @@ class UNetConfig:
     attention: bool = False          # one self-attention block over the 7x7 positions, between down and up
     up_conv: str = "high"            # where each upsampling's 3x3 conv runs: after the 2x nearest resize ("high",
                                      # the original) or before it, at the lower resolution ("low": 4x fewer FLOPs)
+    scale_shift: bool = False        # the embedding scales and shifts each block's second GroupNorm (ADM's AdaGN)
+                                     # rather than being added before it
 
 
 UP_CONVS = ("high", "low")
@@ -65,13 +67,15 @@ def add_label(label_emb, temb, y):
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, with the timestep embedding added between the two convs."""
+    """GroupNorm-SiLU-conv twice, with the timestep embedding between the two convs: added before the second
+    GroupNorm, or (scale_shift) setting a scale and a shift of its output per channel, as ADM's AdaGN does."""
 
-    def __init__(self, cin, cout, tdim, groups):
+    def __init__(self, cin, cout, tdim, groups, scale_shift=False):
         super().__init__()
+        self.scale_shift = scale_shift
         self.norm1 = nn.GroupNorm(groups, cin)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.temb = nn.Linear(tdim, cout)
+        self.temb = nn.Linear(tdim, 2 * cout if scale_shift else cout)
         self.norm2 = nn.GroupNorm(groups, cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)  # each block starts as the identity: stable early training
@@ -80,8 +84,13 @@ class ResBlock(nn.Module):
 
     def forward(self, x, temb):
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb(temb)[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
+        emb = self.temb(temb)[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = emb.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + emb)
+        h = self.conv2(F.silu(h))
         return h + self.skip(x)
 
 
@@ -125,7 +134,7 @@ class UNet(nn.Module):
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
         for i, ch in enumerate(c):
             cin = c[i - 1] if i else c[0]
-            self.down.append(nn.ModuleList(ResBlock(cin if j == 0 else ch, ch, tdim, g) for j in range(cfg.blocks[i])))
+            self.down.append(nn.ModuleList(ResBlock(cin if j == 0 else ch, ch, tdim, g, cfg.scale_shift) for j in range(cfg.blocks[i])))
             if i < len(c) - 1:
                 self.downsample.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
 
@@ -140,7 +149,7 @@ class UNet(nn.Module):
         for i in reversed(range(len(c) - 1)):
             resize, conv = nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c[i + 1], c[i], 3, padding=1)
             self.upsample.append(nn.Sequential(resize, conv) if cfg.up_conv == "high" else nn.Sequential(conv, resize))
-            self.up.append(nn.ModuleList(ResBlock(2 * c[i] if j == 0 else c[i], c[i], tdim, g)
+            self.up.append(nn.ModuleList(ResBlock(2 * c[i] if j == 0 else c[i], c[i], tdim, g, cfg.scale_shift)
                                          for j in range(cfg.blocks[i])))
 
         self.out = nn.Sequential(nn.GroupNorm(g, c[0]), nn.SiLU(), nn.Conv2d(c[0], 1, 3, padding=1))
@@ -253,7 +262,7 @@ def build_network(config):
     arch = config.pop("arch", "unet")  # checkpoints from before the MLP hold a U-Net
     config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
     if arch == "unet":
-        return UNet(UNetConfig(**{"up_conv": "high", **config}))  # checkpoints from before up_conv: "high"
+        return UNet(UNetConfig(**{"up_conv": "high", "scale_shift": False, **config}))  # as before these keys
     elif arch == "mlp":
         return MLP(MLPConfig(**config))
     elif arch == "points":

@@ -183,6 +183,9 @@ def build_parser():
     g.add_argument("--up-conv", choices=UP_CONVS,
                    help="where the U-Net's upsampling convs run: after the 2x resize (high) or before it, at the "
                         f"lower resolution, 4x fewer FLOPs (low) (default {D['up_conv']})")
+    g.add_argument("--scale-shift", action="store_true", default=None,
+                   help="the timestep and label embedding scales and shifts each residual block's second "
+                        "GroupNorm, as ADM's AdaGN, instead of being added before it (default: added)")
     g.add_argument("--unconditional", dest="conditional", action="store_false", default=None,
                    help="train without digit labels (default: with labels, so the run can also draw a chosen digit)")
     g.add_argument("--label-dropout", type=fraction, metavar="P",

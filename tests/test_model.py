@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from ckpt import FORMAT, load_checkpoint, save_checkpoint
-from model import SelfAttention, UNet, UNetConfig, build_network, count_parameters
+from model import ResBlock, SelfAttention, UNet, UNetConfig, build_network, count_parameters
 
 
 def test_default_size_matches_the_design_card():
@@ -82,6 +82,36 @@ def test_the_upsampling_conv_runs_after_the_resize_or_before_it():
     assert isinstance(old.upsample[0][0], torch.nn.Upsample) and old.cfg.up_conv == "high"
     with pytest.raises(ValueError, match="up_conv must be one of"):
         UNet(UNetConfig(channels=(8, 16, 32), up_conv="middle"))
+
+
+def test_scale_shift_sets_a_scale_and_a_shift_of_the_second_norm_per_channel():
+    """scale_shift: the block's embedding layer gives 2 x cout numbers, (1 + scale) multiplying and shift adding to
+    the second GroupNorm's output; the default adds the embedding before that norm. Checkpoints without the key
+    build the additive block."""
+    torch.manual_seed(0)
+    block = ResBlock(4, 8, 6, 2, scale_shift=True)
+    assert block.temb.out_features == 16 and ResBlock(4, 8, 6, 2).temb.out_features == 8
+    for p in block.parameters():  # undo the zero init, so the second conv passes on what the norm gives it
+        torch.nn.init.normal_(p, std=0.3)
+    x, temb = torch.randn(2, 4, 5, 5), torch.randn(2, 6)
+    h = block.conv1(F.silu(block.norm1(x)))
+    scale, shift = block.temb(temb).chunk(2, dim=1)
+    expected = block.conv2(F.silu(block.norm2(h) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]))
+    torch.testing.assert_close(block(x, temb), expected + block.skip(x))
+    with torch.no_grad():  # a shift of the same size on every channel would vanish in an additive block's norm
+        block.temb.weight.zero_()
+        block.temb.bias.copy_(torch.cat([torch.zeros(8), torch.full((8,), 2.0)]))
+    additive = ResBlock(4, 8, 6, 2)
+    additive.load_state_dict({k: v[8:] if k.startswith("temb.") else v for k, v in block.state_dict().items()})
+    assert not torch.allclose(block(x, temb), additive(x, temb), atol=1e-3)
+    net = UNet(UNetConfig(channels=(8, 16, 32), num_classes=10, scale_shift=True))
+    assert count_parameters(net) > count_parameters(UNet(UNetConfig(channels=(8, 16, 32), num_classes=10)))
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 1, 28, 28)
+    out = net(x, torch.tensor([5, 5]), torch.tensor([3, 3]))
+    assert out.shape == x.shape and not torch.allclose(out[0], net(x, torch.tensor([900, 5]), torch.tensor([3, 3]))[0])
+    assert not build_network({"arch": "unet", "channels": [8, 16, 32]}).down[0][0].scale_shift
 
 
 def test_the_written_out_attention_is_multihead_attention():

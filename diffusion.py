@@ -2,7 +2,8 @@
 
 The network is always an argument (`model(x, t) -> output`), never an attribute, so this object holds
 no trainable state. What the output means is the objective: the noise eps (DDPM's choice), the clean
-image x0 (run.py's default), or the posterior mean of x_{t-1}; all three share the sampling loop.
+image x0 (run.py's default), the velocity v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho
+2022), or the posterior mean of x_{t-1}; all four share the sampling loop.
 References: Ho et al. 2020 (DDPM, arXiv:2006.11239), Song et al. 2021 (DDIM, arXiv:2010.02502), Lu et al.
 2022 (DPM-Solver++, arXiv:2211.01095) and Karras et al. 2022 (EDM, arXiv:2206.00364); equation numbers
 below are theirs.
@@ -15,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-OBJECTIVES = ("eps", "x0", "mean")
+OBJECTIVES = ("eps", "x0", "v", "mean")
 # How a posterior-mean network's output makes the mean (eq. 7, mean = c_t x_t + c_0 x_0), mean = skip x_t +
 # scale output: the mean whole ("none"), the mean less x_t ("xt"), less c_t x_t ("ct"), that over c_0 ("ct-c0":
 # EDM's c_skip and c_out, the output at x_0's scale), or DDPM's own eq. 11 ("eps": mean = (x_t - beta_t /
@@ -105,10 +106,12 @@ class Diffusion:
     def _weighting(self, alpha_bar, log_sigma, coef_x0, out_scale, betas):
         """The per-t loss weight in the objective's units and the distribution t is drawn from (None:
         uniform). An objective's squared error is a multiple of the x0 error: SNR times it for eps, once for
-        x0, (c0 / scale)^2 times for the posterior mean (c0 its x0 coefficient, scale its output's in the
-        mean, out_scale), so w(t) on the x0 error is w(t) / that multiple on the objective's loss."""
+        x0, 1 + SNR times for v (x0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v), (c0 / scale)^2 times for the
+        posterior mean (c0 its x0 coefficient, scale its output's in the mean, out_scale), so w(t) on the x0
+        error is w(t) / that multiple on the objective's loss."""
         snr = alpha_bar / (1 - alpha_bar)
-        per_x0 = {"eps": snr, "x0": torch.ones_like(snr), "mean": (coef_x0 / out_scale) ** 2}[self.objective]
+        per_x0 = {"eps": snr, "x0": torch.ones_like(snr), "v": 1 + snr,
+                  "mean": (coef_x0 / out_scale) ** 2}[self.objective]
         if self.weighting == "min-snr":
             return (snr.clamp(max=MIN_SNR_GAMMA) / per_x0).float(), None
         if self.weighting in ("p2", "p2-drawn"):
@@ -148,12 +151,14 @@ class Diffusion:
         return mean, self._at(self.posterior_var, t, xt)
 
     def target(self, x0, xt, t, noise):
-        """What the network learns to output for x_t: eps, x_0, or the posterior mean of x_{t-1} (eq. 7), less its
-        skip and over its scale (mean_skip): for the forms whose output is the noise or x_0, exactly that."""
+        """What the network learns to output for x_t: eps, x_0, v, or the posterior mean of x_{t-1} (eq. 7), less
+        its skip and over its scale (mean_skip): for the forms whose output is the noise or x_0, exactly that."""
         if self.output_like == "eps":
             return noise
         elif self.output_like == "x0":
             return x0
+        elif self.output_like == "v":
+            return self._at(self.sqrt_alpha_bar, t, x0) * noise - self._at(self.sqrt_one_minus_alpha_bar, t, x0) * x0
         elif self.objective == "mean":
             c0, scale = self._at(self.posterior_coef_x0, t, xt), self._at(self.mean_scale, t, xt)
             # (mean - skip x_t) / scale = (c0 x_0 - (skip - c_t) x_t) / scale
@@ -201,6 +206,8 @@ class Diffusion:
             x0 = (xt - (1 - ab) ** 0.5 * out) / ab ** 0.5  # eq. (9) of DDIM solved for x_0
         elif self.output_like == "x0":
             x0 = out
+        elif self.output_like == "v":
+            x0 = ab ** 0.5 * xt - (1 - ab) ** 0.5 * out  # near t = 0 mostly x_t itself: the network adds a correction
         elif self.objective == "mean":
             # eq. (7) of DDPM, mean = c0 x_0 + ct x_t, solved for x_0: mean - ct x_t = scale out + (skip - ct)
             # x_t, summed before dividing by c0 (down to 1e-4) so little is lost to rounding
@@ -212,7 +219,7 @@ class Diffusion:
 
     @property
     def output_like(self):
-        """"eps" or "x0": what the network's output is, at any timestep, including a posterior-mean network's
+        """"eps", "x0" or "v": what the network's output is, at any timestep, including a posterior-mean network's
         (its eq. 11 noise, or its x_0 scaled by c_0); None for a mean network that holds x_0 only times c_0."""
         if self.objective == "mean":
             return {"eps": "eps", "ct-c0": "x0"}.get(self.mean_skip)
@@ -353,6 +360,8 @@ class Heun:
         out = model(xt, _full(xt, t, torch.float32)).float()
         if self.d.output_like == "eps":
             return ((xt - (1 - ab) ** 0.5 * out) / ab ** 0.5).clamp(-1, 1)
+        elif self.d.output_like == "v":
+            return (ab ** 0.5 * xt - (1 - ab) ** 0.5 * out).clamp(-1, 1)
         return out.clamp(-1, 1)
 
     def __call__(self, model, x, t, t_prev, draw):

@@ -160,7 +160,8 @@ def build_parser():
     g.add_argument("--width", type=positive_int, metavar="N", help=f"MLP hidden width (default {D['width']})")
     g.add_argument("--depth", type=positive_int, metavar="N", help=f"MLP residual blocks (default {D['depth']})")
     g.add_argument("--objective", choices=OBJECTIVES,
-                   help="what the network predicts: the noise eps (DDPM), the clean image x0, or the posterior "
+                   help="what the network predicts: the noise eps (DDPM), the clean image x0, the velocity v = "
+                        "sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (x0 by a skip from x_t plus the output), or the posterior "
                         "mean of x_{t-1}, made from a noise output by DDPM's eq. 11 (sampled with --sampler ddpm by "
                         "default; every sampler serves it) "
                         f"(default {D['objective']})")

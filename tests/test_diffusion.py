@@ -226,7 +226,7 @@ def test_the_mean_objectives_last_ancestral_step_returns_the_clipped_x0():
     assert torch.equal(x, x0) and x.abs().max() <= 1
 
 
-OBJECTIVES_AND_SKIPS = ["eps", "x0", "mean", "mean/ct-c0", "mean/ct", "mean/xt", "mean/none"]  # mean/ct: that mean_skip
+OBJECTIVES_AND_SKIPS = ["eps", "x0", "v", "mean", "mean/ct-c0", "mean/ct", "mean/xt", "mean/none"]  # mean/ct: that mean_skip
 
 
 def diffusion_for(objective, **kw):

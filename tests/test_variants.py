@@ -19,7 +19,7 @@ def true_target(d, x0_true):
     return model
 
 
-@pytest.mark.parametrize("objective", ["eps", "x0", "mean", "mean/ct-c0", "mean/ct", "mean/xt", "mean/none"])
+@pytest.mark.parametrize("objective", ["eps", "x0", "v", "mean", "mean/ct-c0", "mean/ct", "mean/xt", "mean/none"])
 @pytest.mark.parametrize("steps,eta", [(None, 1.0), (10, 0.0), (10, 0.5), (1, 0.0)])
 def test_each_objective_recovers_the_data_from_its_true_target(objective, steps, eta):
     objective, _, skip = objective.partition("/")  # mean/xt: a posterior-mean network with that skip
@@ -29,7 +29,7 @@ def test_each_objective_recovers_the_data_from_its_true_target(objective, steps,
     torch.testing.assert_close(x, x0, atol=1e-3, rtol=0)
 
 
-@pytest.mark.parametrize("objective", ["eps", "x0", "mean", "mean/ct-c0"])
+@pytest.mark.parametrize("objective", ["eps", "x0", "v", "mean", "mean/ct-c0"])
 @pytest.mark.parametrize("solver", ["dpm2m", "dpm2m-sde"])
 def test_the_multistep_solvers_serve_every_objective(objective, solver):
     objective, _, skip = objective.partition("/")
@@ -52,6 +52,21 @@ def test_heun_serves_an_x0_network_and_refuses_a_mean_one_that_divides_by_c0():
     torch.testing.assert_close(d.sample(lambda x, t: x0, x0.shape, steps=5, solver="heun"), x0)
     d = Diffusion(100, objective="mean")
     torch.testing.assert_close(d.sample(exact_eps(d, x0), x0.shape, steps=5, solver="heun"), x0, atol=1e-3, rtol=0)
+
+
+def test_heun_serves_a_v_network_at_continuous_timesteps():
+    """Heun asks the network at the continuous timestep of each noise level; a v network's x_0 there is
+    sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v, with alpha_bar of that level."""
+    d, x0 = Diffusion(100, objective="v"), torch.rand(4, 1, 28, 28) * 2 - 1
+
+    def exact_v(xt, t):  # alpha_bar at the fractional index t, interpolated in log sigma as the solver does
+        i = t[0].item()
+        lo, frac = min(int(i), 98), i - min(int(i), 98)
+        log_sigma = (1 - frac) * d.log_sigma[lo].double() + frac * d.log_sigma[lo + 1].double()
+        ab = 1 / (1 + torch.exp(2 * log_sigma))
+        eps = (xt.double() - ab.sqrt() * x0) / (1 - ab).sqrt()
+        return (ab.sqrt() * eps - (1 - ab).sqrt() * x0).float()
+    torch.testing.assert_close(d.sample(exact_v, x0.shape, steps=5, solver="heun"), x0, atol=1e-3, rtol=0)
 
 
 def test_the_mean_objective_takes_its_own_ddpm_step():

@@ -123,6 +123,7 @@ LEVERS = {
     "attention at 7 px": {"attention": True},
     "upsampling convs at low res": {"up_conv": "low"},
     "scale-shift norm": {"scale_shift": True},
+    "v prediction": {"objective": "v"},
 }
 
 # Issue 17's variants against the default (x0 prediction, mse, the U-Net): what the network predicts, the loss

@@ -455,7 +455,9 @@ def describe_checkpoint(path):
     if cfg["dataset"] != "mnist":
         raise UserError(f"{path} was trained on {cfg['dataset']} (2D points), not MNIST; grids draws digits, "
                         f"so leave it out of --checkpoint")
-    net = f"mlp {cfg['width']} x {cfg['depth']}" if cfg["arch"] == "mlp" else cfg["arch"]
+    net = f"mlp {cfg['width']} x {cfg['depth']}" if cfg["arch"] == "mlp" else ", ".join(
+        [cfg["arch"]] + ["attention"] * cfg["attention"] + ["up-conv low"] * (cfg["up_conv"] == "low")
+        + ["scale-shift"] * cfg["scale_shift"])
     return (f"{cfg['objective']} prediction, {cfg['loss']} loss\n{cfg['weighting']} weighting, {net}\n"
             f"{ckpt['step']:,} steps")
 

@@ -108,10 +108,12 @@ class Diffusion:
         uniform). An objective's squared error is a multiple of the x0 error: SNR times it for eps, once for
         x0, 1 + SNR times for v (x0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v), (c0 / scale)^2 times for the
         posterior mean (c0 its x0 coefficient, scale its output's in the mean, out_scale), so w(t) on the x0
-        error is w(t) / that multiple on the objective's loss."""
+        error is w(t) / that multiple on the objective's loss (under the L1 loss, / its square root)."""
         snr = alpha_bar / (1 - alpha_bar)
         per_x0 = {"eps": snr, "x0": torch.ones_like(snr), "v": 1 + snr,
                   "mean": (coef_x0 / out_scale) ** 2}[self.objective]
+        if self.loss_type == "l1":  # an absolute error is the square root of that multiple of the x0 error's
+            per_x0 = per_x0.sqrt()
         if self.weighting == "min-snr":
             return (snr.clamp(max=MIN_SNR_GAMMA) / per_x0).float(), None
         if self.weighting in ("p2", "p2-drawn"):
@@ -344,7 +346,7 @@ class Heun:
 
     def __init__(self, diffusion, churn, steps):
         if diffusion.whole_steps_only:
-            raise ValueError("the heun solver needs an eps or x0 network, or a posterior-mean one whose output is "
+            raise ValueError("the heun solver needs an eps, x0 or v network, or a posterior-mean one whose output is "
                              "the noise or at x_0's scale: this one's mean is only defined at whole timesteps")
         self.d, self.gamma = diffusion, min(churn / steps, 2 ** 0.5 - 1)
 

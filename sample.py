@@ -127,8 +127,8 @@ def denoiser(model, device, amp, interval=EVERYWHERE, guide=None, guide_weight=D
     itself") adds guide_weight - 1 times the step away from the guide's output for the same label (or none)
     at every timestep: eps + (a - 1) (eps_c - eps_g). The guide, a weaker network, makes the same errors more
     strongly, so the push corrects them and, in the paper, keeps the variety that the label's push costs. The two
-    networks share their objective and schedule (load_guide checks), so the sum means the same in eps, x0 or mean
-    units.
+    networks share their objective and schedule (load_guide checks), so the sum means the same in eps, x0, v or mean
+    units (each is linear in the others at a given x_t).
     """
     no_label = model.cfg.num_classes  # the "no label" entry (a compiled model passes cfg through)
     lo, hi = interval
@@ -242,7 +242,8 @@ def load_sampler(s):
                         f"apply; drop {given[0]} or pick a checkpoint trained with labels")
     if s.digit is not None and s.guidance == 0:
         raise UserError("--digit needs a label, and --guidance 0 draws with none; drop one of them")
-    # The default guide: measured on labelled MNIST draws of the x0 and eps networks only (docs/sampling.md).
+    # The default guide: measured on labelled MNIST draws of the x0 and eps networks (docs/sampling.md); a v network
+    # gets it too (its output is linear in x0's at a given x_t), at the guidance measured for x0.
     own = labelled and dataset == "mnist" and diffusion.objective != "mean" and s.guidance != 0
     guide_path, guide_weight = pick_guide(s, ckpt["step"], own)
     default_guidance = DEFAULT_GUIDANCE if guide_path is None else GUIDED_GUIDANCE

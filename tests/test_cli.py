@@ -94,6 +94,7 @@ def args(workspace, *argv):
     (["--mode", "train", "--arch", "mlp", "--attention"], "--attention does not apply to --arch mlp"),
     (["--mode", "train", "--arch", "mlp", "--up-conv", "low"], "--up-conv does not apply to --arch mlp"),
     (["--mode", "train", "--dataset", "heart", "--scale-shift"], "--scale-shift does not apply to --dataset heart"),
+    (["--mode", "train", "--arch", "mlp", "--scale-shift"], "--scale-shift does not apply to --arch mlp"),
     (["--mode", "train", "--dataset", "heart", "--up-conv", "low"], "--up-conv does not apply to --dataset heart"),
     (["--mode", "train", "--resume", "--epochs", "1"], "has already used its budget"),
 ])
@@ -166,6 +167,8 @@ def test_resume_with_a_different_configuration(capsys, workspace):
                   "was trained with --up-conv high, not low")
     fails_cleanly(capsys, workspace, args(workspace, "--mode", "train", "--resume", "--scale-shift"),
                   "was trained without --scale-shift; drop --scale-shift to resume")
+    fails_cleanly(capsys, workspace, args(workspace, "--mode", "train", "--resume", "--attention"),
+                  "was trained without --attention; drop --attention to resume")
 
 
 def test_missing_mnist_without_network(capsys, workspace, tmp_path, monkeypatch):

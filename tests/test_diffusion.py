@@ -247,9 +247,10 @@ def per_x0(d):
 
 @pytest.mark.parametrize("objective", OBJECTIVES_AND_SKIPS)
 def test_each_weighting_puts_its_weight_on_the_x0_error(objective):
-    """An objective's squared error is a multiple of the x0 error (SNR for eps, 1 for x0, c0^2 for the mean,
-    or 1 when the mean network's output is scaled by c0), so the weight on the objective's loss times that
-    multiple is the weighting's w(t) on the x0 error: min(SNR, 5) or SNR/(1+SNR)."""
+    """An objective's squared error is a multiple of the x0 error (SNR for eps, 1 for x0, 1 + SNR for v, c0^2 for
+    the mean, or 1 when the mean network's output is scaled by c0), so the weight on the objective's loss times
+    that multiple is the weighting's w(t) on the x0 error: min(SNR, 5) or SNR/(1+SNR). Under the L1 loss the
+    absolute errors are the square root of that multiple apart, and the weight makes up that instead."""
     base = diffusion_for(objective)
     ab = base.alpha_bar.double()
     snr = ab / (1 - ab)
@@ -258,6 +259,8 @@ def test_each_weighting_puts_its_weight_on_the_x0_error(objective):
         d = diffusion_for(objective, weighting=weighting)
         assert d.t_probs is None
         assert torch.allclose(d.t_weight.double() * multiple, w, rtol=2e-3)
+        l1 = diffusion_for(objective, weighting=weighting, loss="l1")
+        assert torch.allclose(l1.t_weight.double() * multiple.sqrt(), w, rtol=2e-3)
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES_AND_SKIPS)

@@ -36,7 +36,7 @@ VALUES = {
     "--arch": ["unet", "mlp", "cnn"],
     "--width": ["32", "0"],
     "--depth": ["1", "0"],
-    "--objective": ["eps", "x0", "mean", "v"],
+    "--objective": ["eps", "x0", "v", "mean", "velocity"],
     "--loss": ["mse", "l1", "huber"],
     "--label-dropout": ["0", "0.5", "1", "-0.1"],
     "--keep": ["1", "0"],

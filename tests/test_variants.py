@@ -44,7 +44,7 @@ def test_heun_serves_an_x0_network_and_refuses_a_mean_one_that_divides_by_c0():
     d, x0 = Diffusion(100, objective="x0"), torch.rand(4, 1, 28, 28) * 2 - 1
     torch.testing.assert_close(d.sample(lambda x, t: x0, x0.shape, steps=5, solver="heun"), x0)
     for skip in ("ct", "xt", "none"):
-        with pytest.raises(ValueError, match="heun solver needs an eps or x0 network"):
+        with pytest.raises(ValueError, match="heun solver needs an eps, x0 or v network"):
             Diffusion(100, objective="mean", mean_skip=skip).solver("heun", steps=5)
     # A mean network whose output is at x_0's scale gives x_0 as it is, at any timestep; one at the noise's
     # (the default) gives it as an eps network does.

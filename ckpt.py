@@ -173,14 +173,14 @@ def reconcile(given, defaults, ckpt=None, path=None):
             continue
         if ckpt and value != cfg[key]:
             if key == "conditional":  # the one switch that turns something off: --unconditional
-                flag, was = "--unconditional", "labels"
+                flag, was = "--unconditional", "with labels"
             elif isinstance(value, bool):  # --attention, --scale-shift
                 flag = "--" + key.replace("_", "-")
-                was = f"{'' if cfg[key] else 'out '}{flag}"
+                was = f"{'with' if cfg[key] else 'without'} {flag}"
             else:
                 flag = "--" + key.replace("_", "-")
-                was = f"{flag} {fmt(cfg[key])}, not {fmt(value)}"
-            raise UserError(f"--resume: {path} was trained with {was}; drop {flag} to resume, "
+                was = f"with {flag} {fmt(cfg[key])}, not {fmt(value)}"
+            raise UserError(f"--resume: {path} was trained {was}; drop {flag} to resume, "
                             f"or train a new run without --resume", everywhere=True)
         cfg[key] = value
     if not cfg["conditional"] and given.get("label_dropout") is not None:

@@ -56,7 +56,7 @@ def args(workspace, *argv):
     (["--mode", "train", "--channels", "8,12,16"], "--channels: must be three multiples of 8"),
     (["--mode", "train", "--arch", "mlp", "--channels", "8,16,32"], "--channels does not apply to --arch mlp"),
     (["--mode", "train", "--width", "64"], "--width does not apply to --arch unet"),
-    (["--mode", "train", "--objective", "v"], "--objective: invalid choice: 'v'"),
+    (["--mode", "train", "--objective", "velocity"], "--objective: invalid choice: 'velocity'"),
     (["--mode", "train", "--steps", "20"], "--steps is a sampling flag and does nothing in --mode train"),
     (["--mode", "sample", "--lr", "1e-3"], "--lr is a training flag and does nothing in --mode sample"),
     (["--mode", "eval", "--unconditional"], "--unconditional is a training flag"),

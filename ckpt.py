@@ -200,7 +200,7 @@ def reconcile(given, defaults, ckpt=None, path=None):
     for key in other:
         if given.get(key) is not None:
             what = "--dataset heart (its point MLP takes --width and --depth)" if arch == "points" else (
-                f"--arch {arch} (--channels, --blocks, --attention, --up-conv and --scale-shift shape the U-Net, --width and --depth "
-                "the MLP)")
+                f"--arch {arch} (--channels, --blocks, --attention, --up-conv and --scale-shift shape the U-Net, "
+                "--width and --depth the MLP)")
             raise UserError(f"--{key.replace('_', '-')} does not apply to {what}; drop it", everywhere=True)
     return cfg

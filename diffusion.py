@@ -203,13 +203,8 @@ class Diffusion:
 
     def predict_x0(self, out, xt, t):
         """The x_0 that the network's output at integer timestep t implies, clipped to [-1, 1]."""
-        ab = self._alpha_bar[t]
-        if self.output_like == "eps":
-            x0 = (xt - (1 - ab) ** 0.5 * out) / ab ** 0.5  # eq. (9) of DDIM solved for x_0
-        elif self.output_like == "x0":
-            x0 = out
-        elif self.output_like == "v":
-            x0 = ab ** 0.5 * xt - (1 - ab) ** 0.5 * out  # near t = 0 mostly x_t itself: the network adds a correction
+        if self.output_like is not None:
+            x0 = self.x0_of(out, xt, self._alpha_bar[t])
         elif self.objective == "mean":
             # eq. (7) of DDPM, mean = c0 x_0 + ct x_t, solved for x_0: mean - ct x_t = scale out + (skip - ct)
             # x_t, summed before dividing by c0 (down to 1e-4) so little is lost to rounding
@@ -218,6 +213,14 @@ class Diffusion:
         else:
             raise ValueError(f"unknown objective {self.objective!r}")
         return x0.clamp(-1, 1)
+
+    def x0_of(self, out, xt, ab):
+        """The x_0 that an eps, x0 or v network's output says at alpha_bar ab (a float), unclipped."""
+        if self.output_like == "eps":
+            return (xt - (1 - ab) ** 0.5 * out) / ab ** 0.5  # eq. (9) of DDIM solved for x_0
+        elif self.output_like == "v":
+            return ab ** 0.5 * xt - (1 - ab) ** 0.5 * out  # near t = 0 mostly x_t itself: the output corrects it
+        return out
 
     @property
     def output_like(self):
@@ -360,11 +363,7 @@ class Heun:
         ab = 1 / (1 + sigma ** 2)
         xt = x_edm * ab ** 0.5  # back to the network's x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps
         out = model(xt, _full(xt, t, torch.float32)).float()
-        if self.d.output_like == "eps":
-            return ((xt - (1 - ab) ** 0.5 * out) / ab ** 0.5).clamp(-1, 1)
-        elif self.d.output_like == "v":
-            return (ab ** 0.5 * xt - (1 - ab) ** 0.5 * out).clamp(-1, 1)
-        return out.clamp(-1, 1)
+        return self.d.x0_of(out, xt, ab).clamp(-1, 1)
 
     def __call__(self, model, x, t, t_prev, draw):
         s_i, s_next = self.sigma(t), self.sigma(t_prev)

@@ -134,7 +134,8 @@ class UNet(nn.Module):
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
         for i, ch in enumerate(c):
             cin = c[i - 1] if i else c[0]
-            self.down.append(nn.ModuleList(ResBlock(cin if j == 0 else ch, ch, tdim, g, cfg.scale_shift) for j in range(cfg.blocks[i])))
+            self.down.append(nn.ModuleList(ResBlock(cin if j == 0 else ch, ch, tdim, g, cfg.scale_shift)
+                                           for j in range(cfg.blocks[i])))
             if i < len(c) - 1:
                 self.downsample.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
 

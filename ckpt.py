@@ -18,7 +18,7 @@ FORMAT = "mnist-ddpm/1"  # written into every checkpoint, checked on load
 # Settings added after the first checkpoints, with what those earlier runs trained with.
 ADDED_SETTINGS = dict(conditional=False, label_dropout=0.0, schedule="constant", arch="unet", objective="eps",
                       loss="mse", ema_length=None, weighting="uniform", attention=False, dataset="mnist",
-                      adam_beta2=0.999, up_conv="high", scale_shift=False)
+                      adam_beta2=0.999, up_conv="high", scale_shift=False, label_silu=False)
 
 
 def write_atomic(path, write):
@@ -174,7 +174,7 @@ def reconcile(given, defaults, ckpt=None, path=None):
         if ckpt and value != cfg[key]:
             if key == "conditional":  # the one switch that turns something off: --unconditional
                 flag, was = "--unconditional", "with labels"
-            elif isinstance(value, bool):  # --attention, --scale-shift
+            elif isinstance(value, bool):  # --attention, --scale-shift, --label-silu
                 flag = "--" + key.replace("_", "-")
                 was = f"{'with' if cfg[key] else 'without'} {flag}"
             else:
@@ -185,6 +185,8 @@ def reconcile(given, defaults, ckpt=None, path=None):
         cfg[key] = value
     if not cfg["conditional"] and given.get("label_dropout") is not None:
         raise UserError("--label-dropout needs labels; drop it or drop --unconditional")
+    if not cfg["conditional"] and given.get("label_silu"):
+        raise UserError("--label-silu needs labels; drop it or drop --unconditional")
     if not ckpt and cfg["objective"] == "mean" and given.get("weighting") is None:
         cfg["weighting"] = "vlb"  # the posterior mean trains only under the bound's weighting (DDPM Table 2)
     if given.get("ema_length") is not None and given.get("ema_decay") is not None:
@@ -195,12 +197,12 @@ def reconcile(given, defaults, ckpt=None, path=None):
                             f"--ema-decay to resume, or train a new run without --resume")
         cfg["ema_length"] = None
     arch = "points" if cfg["dataset"] == "heart" else cfg["arch"]  # a new heart run gets its arch after this
-    other = {"unet": ("width", "depth"), "mlp": ("channels", "blocks", "attention", "up_conv", "scale_shift"),
-             "points": ("channels", "blocks", "attention", "up_conv", "scale_shift")}[arch]
+    unet = ("channels", "blocks", "attention", "up_conv", "scale_shift", "label_silu")
+    other = {"unet": ("width", "depth"), "mlp": unet, "points": unet}[arch]
     for key in other:
         if given.get(key) is not None:
             what = "--dataset heart (its point MLP takes --width and --depth)" if arch == "points" else (
-                f"--arch {arch} (--channels, --blocks, --attention, --up-conv and --scale-shift shape the U-Net, "
-                "--width and --depth the MLP)")
+                f"--arch {arch} (--channels, --blocks, --attention, --up-conv, --scale-shift and --label-silu "
+                "shape the U-Net, --width and --depth the MLP)")
             raise UserError(f"--{key.replace('_', '-')} does not apply to {what}; drop it", everywhere=True)
     return cfg

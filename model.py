@@ -25,6 +25,9 @@ class UNetConfig:
                                      # the original) or before it, at the lower resolution ("low": 4x fewer FLOPs)
     scale_shift: bool = False        # the embedding scales and shifts each block's second GroupNorm (ADM's AdaGN)
                                      # rather than being added before it
+    label_silu: bool = False         # the label joins the timestep embedding before its last SiLU (as in ADM and
+                                     # diffusers), so what each block takes from it can change with t; after the
+                                     # SiLU (the original) each block gets a fixed offset per label
 
 
 UP_CONVS = ("high", "low")
@@ -158,8 +161,11 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, x, t, y=None):
-        temb = self.time_mlp(timestep_embedding(t, self.cfg.channels[0]))  # (B, tdim)
-        temb = add_label(self.label_emb, temb, y)
+        emb = timestep_embedding(t, self.cfg.channels[0])
+        if self.cfg.label_silu:  # time_mlp ends in a SiLU: the label goes in before it
+            temb = F.silu(add_label(self.label_emb, self.time_mlp[:-1](emb), y))  # (B, tdim)
+        else:
+            temb = add_label(self.label_emb, self.time_mlp(emb), y)
         h = self.stem(x)  # (B, c0, 28, 28)
         skips = []
         for i, blocks in enumerate(self.down):
@@ -263,7 +269,7 @@ def build_network(config):
     arch = config.pop("arch", "unet")  # checkpoints from before the MLP hold a U-Net
     config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
     if arch == "unet":
-        return UNet(UNetConfig(**{"up_conv": "high", "scale_shift": False, **config}))  # as before these keys
+        return UNet(UNetConfig(**{"up_conv": "high", "scale_shift": False, "label_silu": False, **config}))  # as before these keys
     elif arch == "mlp":
         return MLP(MLPConfig(**config))
     elif arch == "points":

@@ -187,6 +187,10 @@ def build_parser():
     g.add_argument("--scale-shift", action="store_true", default=None,
                    help="the timestep and label embedding scales and shifts each residual block's second "
                         "GroupNorm, as ADM's AdaGN, instead of being added before it (default: added)")
+    g.add_argument("--label-silu", action="store_true", default=None,
+                   help="the label embedding joins the timestep embedding before its last SiLU, as in ADM and "
+                        "diffusers, so what each block takes from the label can change with t (default: after it, "
+                        "a fixed offset per label)")
     g.add_argument("--unconditional", dest="conditional", action="store_false", default=None,
                    help="train without digit labels (default: with labels, so the run can also draw a chosen digit)")
     g.add_argument("--label-dropout", type=fraction, metavar="P",

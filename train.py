@@ -42,7 +42,7 @@ DEFAULTS = dict(dataset="mnist", arch="unet", channels=UNetConfig.channels, bloc
                 width=MLPConfig.width, depth=MLPConfig.depth, objective="x0", loss="mse", timesteps=1000,
                 batch_size=64, lr=1e-3, adam_beta2=0.999, warmup=200, schedule="cosine", ema_decay=0.999,
                 ema_length=0.1, seed=0, conditional=True, label_dropout=0.1, weighting="p2", attention=False,
-                up_conv=UNetConfig.up_conv, scale_shift=UNetConfig.scale_shift)
+                up_conv=UNetConfig.up_conv, scale_shift=UNetConfig.scale_shift, label_silu=UNetConfig.label_silu)
 # A new posterior-mean run on MNIST under the bound (vlb): T = 100, where the bound weighs the last steps less
 # than at 1000 and the mean's own ancestral sampler takes 100 steps; at the default's 20-minute steps it drew FID
 # 153 with dpm2m (106 with its own DDPM step) against 213 at T = 1000 (docs/variants.md).
@@ -119,8 +119,8 @@ def for_dataset(cfg, given):
         if cfg["objective"] == "mean" and cfg["weighting"] == "vlb" and given.get("timesteps") is None:
             return dict(cfg, timesteps=MEAN_TIMESTEPS)
         return cfg
-    wrong = [k for k in ("arch", "channels", "blocks", "attention", "up_conv", "scale_shift", "label_dropout")
-             if given.get(k) is not None]
+    wrong = [k for k in ("arch", "channels", "blocks", "attention", "up_conv", "scale_shift", "label_silu",
+                         "label_dropout") if given.get(k) is not None]
     if wrong:
         raise UserError(f"--{wrong[0].replace('_', '-')} does not apply to --dataset heart (2D points without labels, "
                         f"drawn by its own point MLP: --width, --depth); drop it", everywhere=True)
@@ -159,11 +159,12 @@ def network_config(cfg, num_classes):
     """The checkpoint's model_config for the run's settings, and a short description of its shape."""
     if cfg["arch"] == "unet":
         config = UNetConfig(cfg["channels"], cfg["blocks"], num_classes=num_classes, attention=cfg["attention"],
-                            up_conv=cfg["up_conv"], scale_shift=cfg["scale_shift"])
+                            up_conv=cfg["up_conv"], scale_shift=cfg["scale_shift"], label_silu=cfg["label_silu"])
         return ({"arch": "unet", **asdict(config)}, f"channels {fmt(cfg['channels'])}, blocks {fmt(cfg['blocks'])}"
                 + (", attention at the lowest level" if cfg["attention"] else "")
                 + (", upsampling convs at the lower resolution" if cfg["up_conv"] == "low" else "")
-                + (", the embedding scales and shifts the norms" if cfg["scale_shift"] else ""))
+                + (", the embedding scales and shifts the norms" if cfg["scale_shift"] else "")
+                + (", the label before the embedding's last SiLU" if cfg["label_silu"] else ""))
     elif cfg["arch"] == "mlp":
         return ({"arch": "mlp", **asdict(MLPConfig(cfg["width"], cfg["depth"], num_classes))},
                 f"width {cfg['width']}, depth {cfg['depth']}")

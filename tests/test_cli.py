@@ -96,6 +96,9 @@ def args(workspace, *argv):
     (["--mode", "train", "--dataset", "heart", "--scale-shift"], "--scale-shift does not apply to --dataset heart"),
     (["--mode", "train", "--arch", "mlp", "--scale-shift"], "--scale-shift does not apply to --arch mlp"),
     (["--mode", "train", "--dataset", "heart", "--up-conv", "low"], "--up-conv does not apply to --dataset heart"),
+    (["--mode", "train", "--dataset", "heart", "--label-silu"], "--label-silu does not apply to --dataset heart"),
+    (["--mode", "train", "--arch", "mlp", "--label-silu"], "--label-silu does not apply to --arch mlp"),
+    (["--mode", "train", "--unconditional", "--label-silu"], "--label-silu needs labels; drop it"),
     (["--mode", "train", "--resume", "--epochs", "1"], "has already used its budget"),
 ])
 def test_bad_arguments(capsys, workspace, argv, expect):
@@ -167,6 +170,8 @@ def test_resume_with_a_different_configuration(capsys, workspace):
                   "was trained with --up-conv high, not low")
     fails_cleanly(capsys, workspace, args(workspace, "--mode", "train", "--resume", "--scale-shift"),
                   "was trained without --scale-shift; drop --scale-shift to resume")
+    fails_cleanly(capsys, workspace, args(workspace, "--mode", "train", "--resume", "--label-silu"),
+                  "was trained without --label-silu; drop --label-silu to resume")
     fails_cleanly(capsys, workspace, args(workspace, "--mode", "train", "--resume", "--attention"),
                   "was trained without --attention; drop --attention to resume")
 

@@ -166,7 +166,7 @@ def lever(name):
 
 def cost_key(name):
     """What a training step's cost depends on: the network and the batch (the loss weighting, objective,
-    learning rate and EMA cost next to nothing)."""
+    learning rate, EMA and where the label joins the embedding cost next to nothing)."""
     cfg = {**DEFAULTS, **lever(name)}
     return tuple(cfg[k] for k in ("arch", "channels", "blocks", "attention", "up_conv", "scale_shift", "width", "depth",
                                        "batch_size"))

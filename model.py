@@ -129,7 +129,7 @@ class UNet(nn.Module):
         self.cfg = cfg
         c, g = cfg.channels, cfg.groups
         tdim = 4 * c[0]
-        self.time_mlp = nn.Sequential(nn.Linear(c[0], tdim), nn.SiLU(), nn.Linear(tdim, tdim), nn.SiLU())
+        self.time_mlp = nn.Sequential(nn.Linear(c[0], tdim), nn.SiLU(), nn.Linear(tdim, tdim))  # then a SiLU
         self.label_emb = label_embedding(cfg.num_classes, tdim)
         self.stem = nn.Conv2d(1, c[0], 3, padding=1)
 
@@ -162,10 +162,10 @@ class UNet(nn.Module):
 
     def forward(self, x, t, y=None):
         emb = timestep_embedding(t, self.cfg.channels[0])
-        if self.cfg.label_silu:  # time_mlp ends in a SiLU: the label goes in before it
-            temb = F.silu(add_label(self.label_emb, self.time_mlp[:-1](emb), y))  # (B, tdim)
+        if self.cfg.label_silu:  # the label before the embedding's last SiLU
+            temb = F.silu(add_label(self.label_emb, self.time_mlp(emb), y))  # (B, tdim)
         else:
-            temb = add_label(self.label_emb, self.time_mlp(emb), y)
+            temb = add_label(self.label_emb, F.silu(self.time_mlp(emb)), y)
         h = self.stem(x)  # (B, c0, 28, 28)
         skips = []
         for i, blocks in enumerate(self.down):
@@ -269,7 +269,8 @@ def build_network(config):
     arch = config.pop("arch", "unet")  # checkpoints from before the MLP hold a U-Net
     config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
     if arch == "unet":
-        return UNet(UNetConfig(**{"up_conv": "high", "scale_shift": False, "label_silu": False, **config}))  # as before these keys
+        before = {"up_conv": "high", "scale_shift": False, "label_silu": False}  # what a checkpoint without them had
+        return UNet(UNetConfig(**{**before, **config}))
     elif arch == "mlp":
         return MLP(MLPConfig(**config))
     elif arch == "points":

@@ -55,7 +55,8 @@ VALUES = {
     "--digit": ["0", "9", "10", "-1"],
     "--guidance": ["0", "1", "3", "-1", "nan"],
 }
-SWITCHES = ["--resume", "--unconditional", "--attention", "--scale-shift", "--label-silu"]  # --compile left out: it compiles for a minute; --help exits early
+# --compile left out: it compiles for a minute; --help exits early
+SWITCHES = ["--resume", "--unconditional", "--attention", "--scale-shift", "--label-silu"]
 
 flag_and_value = st.sampled_from(sorted(VALUES)).flatmap(lambda f: st.sampled_from(VALUES[f]).map(lambda v: [f, v]))
 junk = st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=6).map(lambda s: [s])  # argv has no NUL

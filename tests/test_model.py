@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from ckpt import FORMAT, load_checkpoint, save_checkpoint
-from model import ResBlock, SelfAttention, UNet, UNetConfig, build_network, count_parameters
+from model import ResBlock, SelfAttention, UNet, UNetConfig, build_network, count_parameters, timestep_embedding
 
 
 def test_default_size_matches_the_design_card():
@@ -115,28 +115,34 @@ def test_scale_shift_sets_a_scale_and_a_shift_of_the_second_norm_per_channel():
 
 
 def test_label_silu_lets_the_labels_share_of_the_embedding_change_with_t():
-    """The embedding the blocks get: by default time_mlp(t) (ending in a SiLU) plus the label's vector, so the label
-    adds the same offset at every t; with label_silu the label joins before that SiLU, and its share depends on t.
-    Without labels the two are the same network; checkpoints without the key build the default."""
+    """The embedding the blocks get: by default SiLU(time_mlp(t)) plus the label's vector, so the label adds the same
+    offset at every t; with label_silu SiLU(time_mlp(t) + the label's vector), and its share depends on t. Without
+    labels the two are the same network; checkpoints without the key build the default."""
     torch.manual_seed(0)
     nets = [UNet(UNetConfig(channels=(8, 16, 32), num_classes=10, label_silu=s)) for s in (False, True)]
     nets[1].load_state_dict(nets[0].state_dict())  # the same weights: label_silu adds none
     torch.nn.init.normal_(nets[0].label_emb.weight)
     nets[1].label_emb.weight.data.copy_(nets[0].label_emb.weight)
 
-    def label_share(net, t):  # the embedding with digit 3 less that with no label, at each t
-        seen = []  # what the first block's embedding layer is given (a hook that returns None changes nothing)
-        handle = net.down[0][0].temb.register_forward_hook(lambda m, args, out: seen.append(args[0]) and None)
-        net(torch.zeros(2, 1, 28, 28), torch.tensor([t, t]), torch.tensor([3, 10]))
+    def embedding(net, t, y):  # what the first block's embedding layer is given (the hook returns None: no change)
+        seen = []
+        handle = net.down[0][0].temb.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+        net(torch.zeros(len(y), 1, 28, 28), torch.full((len(y),), t), torch.tensor(y))
         handle.remove()
-        return seen[0][0] - seen[0][1]
+        return seen[0]
+
+    def label_share(net, t):  # the embedding with digit 3 less that with no label
+        temb = embedding(net, t, [3, 10])
+        return temb[0] - temb[1]
 
     default, silu = nets
+    time = silu.time_mlp(timestep_embedding(torch.tensor([900]), 8))
+    torch.testing.assert_close(embedding(silu, 900, [3]), F.silu(time + silu.label_emb.weight[3]))
+    torch.testing.assert_close(embedding(default, 900, [3]), F.silu(time) + default.label_emb.weight[3])
     torch.testing.assert_close(label_share(default, 5), label_share(default, 900))
     torch.testing.assert_close(label_share(default, 5), default.label_emb.weight[3] - default.label_emb.weight[10])
     assert not torch.allclose(label_share(silu, 5), label_share(silu, 900), atol=1e-3)
     plain = [UNet(UNetConfig(channels=(8, 16, 32), label_silu=s)) for s in (False, True)]
-    plain[1].load_state_dict(plain[0].state_dict())
     for p in plain[0].parameters():
         torch.nn.init.normal_(p, std=0.1)
     plain[1].load_state_dict(plain[0].state_dict())

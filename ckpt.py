@@ -19,6 +19,8 @@ FORMAT = "mnist-ddpm/1"  # written into every checkpoint, checked on load
 ADDED_SETTINGS = dict(conditional=False, label_dropout=0.0, schedule="constant", arch="unet", objective="eps",
                       loss="mse", ema_length=None, weighting="uniform", attention=False, dataset="mnist",
                       adam_beta2=0.999, up_conv="high", scale_shift=False, label_silu=False)
+# The settings that shape the U-Net, and so do not apply to the MLPs.
+UNET_SETTINGS = ("channels", "blocks", "attention", "up_conv", "scale_shift", "label_silu")
 
 
 def write_atomic(path, write):
@@ -197,12 +199,11 @@ def reconcile(given, defaults, ckpt=None, path=None):
                             f"--ema-decay to resume, or train a new run without --resume")
         cfg["ema_length"] = None
     arch = "points" if cfg["dataset"] == "heart" else cfg["arch"]  # a new heart run gets its arch after this
-    unet = ("channels", "blocks", "attention", "up_conv", "scale_shift", "label_silu")
-    other = {"unet": ("width", "depth"), "mlp": unet, "points": unet}[arch]
+    other = ("width", "depth") if arch == "unet" else UNET_SETTINGS
     for key in other:
         if given.get(key) is not None:
+            *rest, last = ["--" + k.replace("_", "-") for k in UNET_SETTINGS]
             what = "--dataset heart (its point MLP takes --width and --depth)" if arch == "points" else (
-                f"--arch {arch} (--channels, --blocks, --attention, --up-conv, --scale-shift and --label-silu "
-                "shape the U-Net, --width and --depth the MLP)")
+                f"--arch {arch} ({', '.join(rest)} and {last} shape the U-Net, --width and --depth the MLP)")
             raise UserError(f"--{key.replace('_', '-')} does not apply to {what}; drop it", everywhere=True)
     return cfg

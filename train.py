@@ -27,8 +27,8 @@ from tqdm import tqdm
 import evaluate
 import figures
 import sample
-from ckpt import (FORMAT, checkpoint_path, clean_temporary, fmt, load_checkpoint, new_run_dir, prune_checkpoints,
-                  reconcile, save_checkpoint, save_figure, training_lock, write_atomic)
+from ckpt import (FORMAT, UNET_SETTINGS, checkpoint_path, clean_temporary, fmt, load_checkpoint, new_run_dir,
+                  prune_checkpoints, reconcile, save_checkpoint, save_figure, training_lock, write_atomic)
 from data import load_data, to_model_range
 from diffusion import Diffusion
 from distributed import World, peer_failed, peer_lost
@@ -119,8 +119,7 @@ def for_dataset(cfg, given):
         if cfg["objective"] == "mean" and cfg["weighting"] == "vlb" and given.get("timesteps") is None:
             return dict(cfg, timesteps=MEAN_TIMESTEPS)
         return cfg
-    wrong = [k for k in ("arch", "channels", "blocks", "attention", "up_conv", "scale_shift", "label_silu",
-                         "label_dropout") if given.get(k) is not None]
+    wrong = [k for k in ("arch", *UNET_SETTINGS, "label_dropout") if given.get(k) is not None]
     if wrong:
         raise UserError(f"--{wrong[0].replace('_', '-')} does not apply to --dataset heart (2D points without labels, "
                         f"drawn by its own point MLP: --width, --depth); drop it", everywhere=True)

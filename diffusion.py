@@ -41,7 +41,8 @@ MIN_SNR_GAMMA = 5.0
 LOGNORMAL_MEAN, LOGNORMAL_STD = -1.2, 1.2
 LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
 SOLVERS = ("ddim", "dpm2m", "dpm2m-sde", "heun")  # DDPM is DDIM over every step with eta 1
-SPACINGS = ("linspace", "trailing")
+SPACINGS = ("linspace", "trailing", "logsnr", "karras")
+KARRAS_RHO = 7.0  # EDM's rho: the sigma^(1/rho) of the steps are evenly spaced
 MIN_TIMESTEPS = 20  # scaled by 1000/T, the paper's last beta (0.02) exceeds 1 below 20 steps
 
 
@@ -197,9 +198,28 @@ class Diffusion:
             # T-1, T-1-T/steps, ... (Lin et al. 2024, "Common diffusion noise schedules and sample steps are
             # flawed", Table 2): no network call is spent at t=0, where x_t already is the data.
             ts = [math.floor(T - i * T / steps + 0.5) - 1 for i in range(steps)]
+        elif spacing in ("logsnr", "karras"):
+            ts = self._sigma_spaced(steps, spacing)
         else:
             raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
         return list(zip(ts, ts[1:] + [-1]))
+
+    def _sigma_spaced(self, steps, spacing):
+        """Timesteps from T-1 down to 0 evenly spaced in log sigma (lambda = log(alpha/sigma), DPM-Solver's
+        choice for pixel models) or in sigma^(1/7) (Karras et al. 2022, eq. 5), each at the timestep nearest
+        in log sigma, and kept distinct by moving a repeat one timestep up."""
+        ls = self.log_sigma.double()
+        lo, hi = ls[0].item(), ls[-1].item()
+        if spacing == "logsnr":
+            at = torch.linspace(hi, lo, steps, dtype=torch.float64)
+        else:
+            r = 1 / KARRAS_RHO
+            at = KARRAS_RHO * torch.linspace(math.exp(hi * r), math.exp(lo * r), steps, dtype=torch.float64).log()
+        i = torch.searchsorted(ls, at).clamp(1, len(ls) - 1)
+        ts = torch.where(at - ls[i - 1] < ls[i] - at, i - 1, i).tolist()
+        for k in range(steps - 2, -1, -1):  # near t=0 a step can be finer than one timestep
+            ts[k] = max(ts[k], ts[k + 1] + 1)
+        return [min(t, self.timesteps - 1 - k) for k, t in enumerate(ts)]  # and no higher than T-1 allows
 
     def predict_x0(self, out, xt, t):
         """The x_0 that the network's output at integer timestep t implies, clipped to [-1, 1]."""

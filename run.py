@@ -15,7 +15,7 @@ import sys
 import distributed
 from ckpt import fmt, latest_checkpoint
 from data import DATASETS
-from diffusion import LOSSES, MIN_TIMESTEPS, OBJECTIVES, WEIGHTINGS
+from diffusion import LOSSES, MIN_TIMESTEPS, OBJECTIVES, SPACINGS, WEIGHTINGS
 from errors import UserError
 from evaluate import evaluate
 from hardware import pick_hardware
@@ -28,7 +28,7 @@ from train import DEFAULT_EPOCHS, DEFAULTS, MEAN_TIMESTEPS, SCHEDULES, TrainSett
 # --dataset is a training setting that sample and eval take as a check of the checkpoint.
 TRAINING_FLAGS = (*(k for k in DEFAULTS if k != "dataset"), "epochs", "minutes", "train_steps", "resume", "keep",
                   "eval_every")
-SAMPLING_FLAGS = ("n_samples", "sampler", "steps", "eta", "churn", "sample_seed", "digit", "guidance", "interval",
+SAMPLING_FLAGS = ("n_samples", "sampler", "steps", "spacing", "eta", "churn", "sample_seed", "digit", "guidance", "interval",
                   "guide", "guide_weight")
 FLAG_NAMES = {"conditional": "--unconditional", "interval": "--guidance-interval", "guide": "--guide-checkpoint"}
 
@@ -210,6 +210,10 @@ def build_parser():
                         f"--churn (default {DEFAULT_SAMPLER}; ddpm for a posterior-mean checkpoint)")
     g.add_argument("--steps", type=positive_int, metavar="N",
                    help="solver steps (default " + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
+    g.add_argument("--spacing", choices=SPACINGS,
+                   help="where the solver's steps fall between T-1 and 0: evenly in t (linspace from T-1 to 0, or "
+                        "trailing: from T-1, with no call at t=0), evenly in log sigma (logsnr, DPM-Solver's choice) "
+                        "or in sigma^(1/7) (karras, EDM's) (default linspace for ddim, trailing otherwise)")
     g.add_argument("--eta", type=float, help="DDIM noise (Song et al. eq. 16): 0 is deterministic DDIM, 1 the "
                                              "ancestral step; default 1, measured best here (README)")
     g.add_argument("--churn", type=float, metavar="S", help="heun: EDM's S_churn, noise added back each step "
@@ -265,7 +269,7 @@ def train_mode(args, device, amp):
 def sample_settings(args, device, amp):
     return SampleSettings(checkpoint=args.checkpoint or latest_checkpoint(args.ckpt_dir), out_dir=args.out_dir,
                           data_dir=args.data_dir, n_samples=args.n_samples, sampler=args.sampler,
-                          steps=args.steps, eta=args.eta, churn=args.churn, seed=args.sample_seed or 0,
+                          steps=args.steps, spacing=args.spacing, eta=args.eta, churn=args.churn, seed=args.sample_seed or 0,
                           digit=args.digit, guidance=args.guidance, interval=args.interval, guide=args.guide,
                           guide_weight=args.guide_weight, device=device, amp=amp, compile=args.compile,
                           dataset=args.dataset)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 import figures
 from ckpt import load_checkpoint, make_folder, run_checkpoints, save_figure, write_atomic
 from data import heart_points, heart_trace, load_mnist, sample_shape, to_model_range
-from diffusion import Diffusion
+from diffusion import SPACINGS, Diffusion
 from errors import UserError
 from hardware import autocast, maybe_compile
 from model import build_network
@@ -51,6 +51,7 @@ class SampleSettings:
     steps: Optional[int] = None  # solver steps, default DEFAULT_STEPS[sampler]
     eta: Optional[float] = None  # DDIM noise, default 1
     churn: Optional[float] = None  # Heun's S_churn, default 0
+    spacing: Optional[str] = None  # where the steps fall (SPACINGS); default linspace for ddim, trailing otherwise
     seed: int = 0
     dataset: Optional[str] = None  # the data set the checkpoint must have been trained on; None: whichever
     digit: Optional[int] = None  # a grid of one digit (labelled runs)
@@ -78,19 +79,30 @@ class Plan:
 
     def describe(self, sampler):
         extra = {"ddim": f", eta {self.eta:g}", "heun": f", churn {self.churn:g}"}.get(self.solver, "")
-        return f"{sampler} with {self.steps} steps{extra}"
+        spaced = "" if self.spacing == default_spacing(self.solver) else f" ({self.spacing} spacing)"
+        return f"{sampler} with {self.steps} steps{spaced}{extra}"
 
 
-def sampler_plan(sampler, steps, eta, churn, timesteps):
+def default_spacing(solver):
+    """DDIM's evenly spaced steps from T-1 to 0; the newer solvers end their last step on the data rather than
+    spend a call at t=0."""
+    return "linspace" if solver == "ddim" else "trailing"
+
+
+def sampler_plan(sampler, steps, eta, churn, timesteps, spacing=None):
     """The Plan for the chosen sampler; DDPM means every step with the posterior variance."""
     if eta is not None and sampler != "ddim":
         raise UserError(f"--eta is DDIM's; --sampler {sampler} " + (
             "has eta 1 by definition" if sampler == "ddpm" else "does not take it") + "; use --sampler ddim")
     if churn is not None and sampler != "heun":
         raise UserError(f"--churn is for --sampler heun; drop it for --sampler {sampler}")
+    if spacing is not None and spacing not in SPACINGS:
+        raise UserError(f"unknown --spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
     if sampler == "ddpm":
         if steps not in (None, timesteps):
             raise UserError(f"--sampler ddpm always runs all {timesteps} steps; use --sampler ddim for --steps")
+        if spacing is not None:
+            raise UserError("--sampler ddpm visits every timestep, so it has no --spacing; use --sampler ddim")
         return Plan("ddim", timesteps, "linspace", eta=1.0)
     elif sampler in SAMPLERS:
         steps = steps or min(DEFAULT_STEPS[sampler], timesteps)
@@ -100,11 +112,11 @@ def sampler_plan(sampler, steps, eta, churn, timesteps):
             raise UserError(f"--eta must be between 0 and 1, got {eta}")
         if churn is not None and not 0 <= churn <= 1000:
             raise UserError(f"--churn must be between 0 and 1000, got {churn}")
+        spacing = spacing or default_spacing(sampler)
         if sampler == "ddim":
             # eta 1 by default: at 50 steps it matched 1000-step DDPM in FID here, and eta 0 was far worse.
-            return Plan("ddim", steps, "linspace", eta=1.0 if eta is None else eta)
-        # The newer solvers end their last step on the data rather than spend a call at t=0.
-        return Plan(sampler, steps, "trailing", churn=churn or 0.0)
+            return Plan("ddim", steps, spacing, eta=1.0 if eta is None else eta)
+        return Plan(sampler, steps, spacing, churn=churn or 0.0)
     else:
         raise UserError(f"unknown --sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
 
@@ -222,7 +234,7 @@ def load_sampler(s):
     # a network this small take seconds.
     sampler = s.sampler or ("ddpm" if diffusion.objective == "mean" or dataset == "heart" else DEFAULT_SAMPLER)
     try:
-        plan = sampler_plan(sampler, s.steps, s.eta, s.churn, diffusion.timesteps)
+        plan = sampler_plan(sampler, s.steps, s.eta, s.churn, diffusion.timesteps, s.spacing)
     except UserError:
         if not whole_only:
             raise

@@ -70,6 +70,8 @@ def args(workspace, *argv):
     (["--mode", "sample", "--sampler", "ddpm", "--eta", "0"], "--sampler ddpm has eta 1"),
     (["--mode", "sample", "--sampler", "dpm2m", "--eta", "0"], "--eta is DDIM's; --sampler dpm2m does not take it"),
     (["--mode", "sample", "--churn", "5"], "--churn is for --sampler heun"),
+    (["--mode", "sample", "--sampler", "ddpm", "--spacing", "karras"], "--sampler ddpm visits every timestep"),
+    (["--mode", "train", "--spacing", "logsnr"], "--spacing is a sampling flag"),
     (["--mode", "sample", "--sampler", "heun", "--churn", "-1"], "--churn must be between 0 and 1000"),
     (["--mode", "sample", "--guidance-interval", "600,100"], "--guidance-interval: must be two timesteps"),
     (["--mode", "sample", "--digit", "3", "--guidance", "0"], "--guidance 0 draws with none"),

@@ -147,6 +147,23 @@ def test_default_sampling_guides_only_from_a_tenth_to_six_tenths_of_t(trained, m
     assert sorted(t for b, t in calls if b == 4) == [0, 1, *range(13, 20)]
 
 
+@pytest.mark.parametrize("spacing", [None, "logsnr", "karras"])
+def test_spacing_picks_the_timesteps_the_network_is_called_at(trained, monkeypatch, spacing):
+    calls, forward = [], UNet.forward
+
+    def recording(self, x, t, y=None):
+        calls.append(int(t[0]))
+        return forward(self, x, t, y)
+    monkeypatch.setattr(UNet, "forward", recording)
+    sp = sample.load_sampler(sample.SampleSettings(checkpoint=trained["checkpoint"], steps=8, spacing=spacing,
+                                                   guide=sample.NO_GUIDE))
+    sp.generate(2, 0, labels=sp.labels(2, 0))
+    expected = [t for t, _ in sp.diffusion.timestep_pairs(8, spacing or "trailing")]
+    assert sorted(set(calls), reverse=True) == expected and len(expected) == 8  # T = 20
+    assert (spacing is None) == (expected == [19, 17, 14, 12, 9, 7, 4, 2])
+    assert ("spacing" in sp.plan.describe("dpm2m")) == (spacing is not None)
+
+
 def test_autoguidance_adds_the_step_away_from_the_guide_at_every_timestep():
     net, x, y = labelled_net(), torch.randn(3, 1, 28, 28), torch.tensor([0, 4, 9])
     torch.manual_seed(1)

@@ -181,6 +181,40 @@ def test_trailing_spacing_starts_at_the_last_timestep_and_spends_no_call_at_t0()
         assert ts[0] == T - 1 and len(set(ts)) == steps and ts == sorted(ts, reverse=True) and ts[-1] >= 0
 
 
+@pytest.mark.parametrize("spacing", ["logsnr", "karras"])
+def test_sigma_spacings_run_from_the_last_timestep_to_t0_evenly_in_their_measure(spacing):
+    d = Diffusion(1000)
+    ts = [t for t, _ in d.timestep_pairs(20, spacing)]
+    assert ts[0] == 999 and ts[-1] == 0 and len(ts) == 20 and ts == sorted(set(ts), reverse=True)
+    ls = d.log_sigma.double()
+    measure = -ls if spacing == "logsnr" else (ls / 7).exp()  # lambda, or sigma^(1/7)
+    gaps = (measure[ts[:-1]] - measure[ts[1:]]).abs()
+    # Each step lands on the timestep nearest its target, so the gaps match up to one timestep's width there.
+    width = (measure[1:] - measure[:-1]).abs()
+    slack = torch.stack([width[t - 1] if t > 0 else width[0] for t in ts]).max()
+    assert (gaps - gaps.mean()).abs().max() <= 2 * slack, gaps
+    # Where a step is finer than one timestep (near t=0, or steps = T), repeats move up: every call distinct.
+    for T, steps in ((20, 20), (20, 19), (100, 99), (1000, 1000), (1000, 1), (1000, 60)):
+        ts = [t for t, _ in Diffusion(T).timestep_pairs(steps, spacing)]
+        assert ts[0] == T - 1 and len(ts) == steps and ts == sorted(set(ts), reverse=True) and ts[-1] >= 0
+        assert steps == 1 or ts[-1] == 0
+
+
+def test_karras_spacing_spends_more_steps_at_low_noise_than_trailing():
+    d = Diffusion(1000)
+    low = lambda spacing: sum(t < 200 for t, _ in d.timestep_pairs(20, spacing))  # noqa: E731
+    assert low("trailing") == 4 and low("logsnr") > low("karras") > low("trailing")
+
+
+@pytest.mark.parametrize("spacing", ["logsnr", "karras"])
+def test_the_solvers_recover_the_data_on_the_sigma_spacings(spacing):
+    d, target = Diffusion(100), torch.rand(4, 1, 28, 28) * 2 - 1
+    for solver in ("dpm2m", "heun"):
+        x = trajectory(d, exact_eps(d, target), solver, 10, spacing=spacing)
+        assert len(x) == 10
+        torch.testing.assert_close(x[-1], target, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("t,t_prev", [(999, 949), (500, 300), (60, 0), (20, -1)])
 def test_each_strided_step_is_the_closed_form_ddim_update(t, t_prev, eta):

@@ -48,6 +48,7 @@ VALUES = {
     "--n-samples": ["1", "3", "0"],
     "--sampler": ["ddpm", "ddim", "dpm2m", "dpm2m-sde", "heun", "euler"],
     "--churn": ["0", "10", "-1"],
+    "--spacing": ["trailing", "logsnr", "karras", "linear"],
     "--guidance-interval": ["100,600", "600,100", "x"],
     "--steps": ["1", "3", "1000", "0"],
     "--eta": ["0", "1", "0.5", "2", "nan"],

@@ -207,7 +207,7 @@ class Diffusion:
     def _sigma_spaced(self, steps, spacing):
         """Timesteps from T-1 down to 0 evenly spaced in log sigma (lambda = log(alpha/sigma), DPM-Solver's
         choice for pixel models) or in sigma^(1/7) (Karras et al. 2022, eq. 5), each at the timestep nearest
-        in log sigma, and kept distinct by moving a repeat one timestep up."""
+        in log sigma, and kept distinct: a repeat moves up, and one pushed past T-1-k comes back down."""
         ls = self.log_sigma.double()
         lo, hi = ls[0].item(), ls[-1].item()
         if spacing == "logsnr":
@@ -217,7 +217,7 @@ class Diffusion:
             at = KARRAS_RHO * torch.linspace(math.exp(hi * r), math.exp(lo * r), steps, dtype=torch.float64).log()
         i = torch.searchsorted(ls, at).clamp(1, len(ls) - 1)
         ts = torch.where(at - ls[i - 1] < ls[i] - at, i - 1, i).tolist()
-        for k in range(steps - 2, -1, -1):  # near t=0 a step can be finer than one timestep
+        for k in range(steps - 2, -1, -1):  # a step can be finer than one timestep (near t=0, or steps near T)
             ts[k] = max(ts[k], ts[k + 1] + 1)
         return [min(t, self.timesteps - 1 - k) for k, t in enumerate(ts)]  # and no higher than T-1 allows
 

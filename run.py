@@ -28,8 +28,8 @@ from train import DEFAULT_EPOCHS, DEFAULTS, MEAN_TIMESTEPS, SCHEDULES, TrainSett
 # --dataset is a training setting that sample and eval take as a check of the checkpoint.
 TRAINING_FLAGS = (*(k for k in DEFAULTS if k != "dataset"), "epochs", "minutes", "train_steps", "resume", "keep",
                   "eval_every")
-SAMPLING_FLAGS = ("n_samples", "sampler", "steps", "spacing", "eta", "churn", "sample_seed", "digit", "guidance", "interval",
-                  "guide", "guide_weight")
+SAMPLING_FLAGS = ("n_samples", "sampler", "steps", "spacing", "eta", "churn", "sample_seed", "digit", "guidance",
+                  "interval", "guide", "guide_weight")
 FLAG_NAMES = {"conditional": "--unconditional", "interval": "--guidance-interval", "guide": "--guide-checkpoint"}
 
 
@@ -269,10 +269,10 @@ def train_mode(args, device, amp):
 def sample_settings(args, device, amp):
     return SampleSettings(checkpoint=args.checkpoint or latest_checkpoint(args.ckpt_dir), out_dir=args.out_dir,
                           data_dir=args.data_dir, n_samples=args.n_samples, sampler=args.sampler,
-                          steps=args.steps, spacing=args.spacing, eta=args.eta, churn=args.churn, seed=args.sample_seed or 0,
-                          digit=args.digit, guidance=args.guidance, interval=args.interval, guide=args.guide,
-                          guide_weight=args.guide_weight, device=device, amp=amp, compile=args.compile,
-                          dataset=args.dataset)
+                          steps=args.steps, spacing=args.spacing, eta=args.eta, churn=args.churn,
+                          seed=args.sample_seed or 0, digit=args.digit, guidance=args.guidance, interval=args.interval,
+                          guide=args.guide, guide_weight=args.guide_weight, device=device, amp=amp,
+                          compile=args.compile, dataset=args.dataset)
 
 
 def main(argv=None):

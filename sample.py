@@ -243,7 +243,8 @@ def load_sampler(s):
         # x_0 = (mean - c_t x_t) / c_0, and c_0 falls to about 1e-4 at t = T-1 (Diffusion.posterior_coef_x0).
         raise UserError(f"{s.checkpoint} predicts the posterior mean of x_(t-1), which gives x_0 only divided by a "
                         f"coefficient as small as 1e-4, so a sampler that skips steps blows its error up into "
-                        f"noise (docs/variants.md); use --sampler ddpm, its default, without --steps or --eta")
+                        f"noise (docs/variants.md); use --sampler ddpm, its default, without --steps, --spacing or "
+                        f"--eta")
     model = ema_network(ckpt, s.device)
     labelled = model.cfg.num_classes > 0
     given = [f for f, v in (("--digit", s.digit), ("--guidance", s.guidance), ("--guidance-interval", s.interval))

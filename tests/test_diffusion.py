@@ -182,25 +182,33 @@ def test_trailing_spacing_starts_at_the_last_timestep_and_spends_no_call_at_t0()
 
 
 @pytest.mark.parametrize("spacing", ["logsnr", "karras"])
-def test_sigma_spacings_run_from_the_last_timestep_to_t0_evenly_in_their_measure(spacing):
+def test_sigma_spacings_put_each_step_at_the_timestep_nearest_its_even_target(spacing):
     d = Diffusion(1000)
     ts = [t for t, _ in d.timestep_pairs(20, spacing)]
-    assert ts[0] == 999 and ts[-1] == 0 and len(ts) == 20 and ts == sorted(set(ts), reverse=True)
-    ls = d.log_sigma.double()
-    measure = -ls if spacing == "logsnr" else (ls / 7).exp()  # lambda, or sigma^(1/7)
-    gaps = (measure[ts[:-1]] - measure[ts[1:]]).abs()
-    # Each step lands on the timestep nearest its target, so the gaps match up to one timestep's width there.
-    width = (measure[1:] - measure[:-1]).abs()
-    slack = torch.stack([width[t - 1] if t > 0 else width[0] for t in ts]).max()
-    assert (gaps - gaps.mean()).abs().max() <= 2 * slack, gaps
-    # Where a step is finer than one timestep (near t=0, or steps = T), repeats move up: every call distinct.
-    for T, steps in ((20, 20), (20, 19), (100, 99), (1000, 1000), (1000, 1), (1000, 60)):
+    ls = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    ls = 0.5 * ((1 - ls) / ls).log()  # log sigma_t, from the schedule written out
+    if spacing == "logsnr":  # evenly in lambda = -log sigma
+        targets = torch.linspace(ls[-1].item(), ls[0].item(), 20, dtype=torch.float64)
+    else:  # evenly in sigma^(1/7), EDM's eq. 5
+        s_max, s_min = ls[-1].exp().item(), ls[0].exp().item()
+        ramp = torch.linspace(0, 1, 20, dtype=torch.float64)
+        targets = ((s_max ** (1 / 7) + ramp * (s_min ** (1 / 7) - s_max ** (1 / 7))) ** 7).log()
+    assert ts == [int((ls - target).abs().argmin()) for target in targets]  # no repeats at 20 steps of 1000
+    ends = {"logsnr": ([999, 947, 893], [10, 4, 1, 0]), "karras": ([999, 971, 940], [41, 16, 4, 0])}[spacing]
+    assert (ts[:3], ts[-4:]) == ends  # the lists docs/recipe.md quotes
+
+
+@pytest.mark.parametrize("spacing", ["logsnr", "karras"])
+def test_sigma_spacings_keep_every_call_distinct_from_t_minus_1_to_0(spacing):
+    # Where a step is finer than one timestep (near t=0, or steps near T), repeats move: every call distinct.
+    for T, steps in ((20, 20), (20, 19), (20, 8), (100, 99), (1000, 1000), (1000, 1), (1000, 60)):
         ts = [t for t, _ in Diffusion(T).timestep_pairs(steps, spacing)]
         assert ts[0] == T - 1 and len(ts) == steps and ts == sorted(set(ts), reverse=True) and ts[-1] >= 0
         assert steps == 1 or ts[-1] == 0
+    assert [t for t, _ in Diffusion(20).timestep_pairs(20, spacing)] == list(range(19, -1, -1))
 
 
-def test_karras_spacing_spends_more_steps_at_low_noise_than_trailing():
+def test_the_spacings_differ_in_how_many_steps_they_spend_at_low_noise():
     d = Diffusion(1000)
     low = lambda spacing: sum(t < 200 for t, _ in d.timestep_pairs(20, spacing))  # noqa: E731
     assert low("trailing") == 4 and low("logsnr") > low("karras") > low("trailing")
@@ -209,8 +217,8 @@ def test_karras_spacing_spends_more_steps_at_low_noise_than_trailing():
 @pytest.mark.parametrize("spacing", ["logsnr", "karras"])
 def test_the_solvers_recover_the_data_on_the_sigma_spacings(spacing):
     d, target = Diffusion(100), torch.rand(4, 1, 28, 28) * 2 - 1
-    for solver in ("dpm2m", "heun"):
-        x = trajectory(d, exact_eps(d, target), solver, 10, spacing=spacing)
+    for solver, kw in (("dpm2m", {}), ("heun", {}), ("ddim", {"eta": 0.0})):
+        x = trajectory(d, exact_eps(d, target), solver, 10, spacing=spacing, **kw)
         assert len(x) == 10
         torch.testing.assert_close(x[-1], target, atol=1e-4, rtol=0)
 

@@ -11,6 +11,7 @@ import train as training
 from ckpt import latest_checkpoint, load_checkpoint
 from conftest import TINY
 from diffusion import Diffusion
+from errors import UserError
 from model import UNet, UNetConfig
 
 
@@ -162,6 +163,14 @@ def test_spacing_picks_the_timesteps_the_network_is_called_at(trained, monkeypat
     assert sorted(set(calls), reverse=True) == expected and len(expected) == 8  # T = 20
     assert (spacing is None) == (expected == [19, 17, 14, 12, 9, 7, 4, 2])
     assert ("spacing" in sp.plan.describe("dpm2m")) == (spacing is not None)
+
+
+def test_an_unknown_spacing_is_refused_before_any_sampling():
+    """The settings object bypasses argparse's choices, so the plan checks the spacing itself."""
+    with pytest.raises(UserError, match="unknown --spacing 'linear'; choose one of linspace, trailing"):
+        sample.sampler_plan("dpm2m", None, None, None, 1000, "linear")
+    assert sample.sampler_plan("ddim", None, None, None, 1000).spacing == "linspace"
+    assert sample.sampler_plan("heun", None, None, None, 1000, "karras").spacing == "karras"
 
 
 def test_autoguidance_adds_the_step_away_from_the_guide_at_every_timestep():

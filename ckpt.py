@@ -18,9 +18,10 @@ FORMAT = "mnist-ddpm/1"  # written into every checkpoint, checked on load
 # Settings added after the first checkpoints, with what those earlier runs trained with.
 ADDED_SETTINGS = dict(conditional=False, label_dropout=0.0, schedule="constant", arch="unet", objective="eps",
                       loss="mse", ema_length=None, weighting="uniform", attention=False, dataset="mnist",
-                      adam_beta2=0.999, up_conv="high", scale_shift=False, label_silu=False)
+                      adam_beta2=0.999, up_conv="high", scale_shift=False, label_silu=False,
+                      emb_dim=0)
 # The settings that shape the U-Net, and so do not apply to the MLPs.
-UNET_SETTINGS = ("channels", "blocks", "attention", "up_conv", "scale_shift", "label_silu")
+UNET_SETTINGS = ("channels", "blocks", "attention", "up_conv", "scale_shift", "label_silu", "emb_dim")
 
 
 def write_atomic(path, write):
@@ -181,7 +182,8 @@ def reconcile(given, defaults, ckpt=None, path=None):
                 was = f"{'with' if cfg[key] else 'without'} {flag}"
             else:
                 flag = "--" + key.replace("_", "-")
-                was = f"with {flag} {fmt(cfg[key])}, not {fmt(value)}"
+                had = fmt(cfg[key]) if key != "emb_dim" or cfg[key] else "(4 x its first channels)"
+                was = f"with {flag} {had}, not {fmt(value)}"
             raise UserError(f"--resume: {path} was trained {was}; drop {flag} to resume, "
                             f"or train a new run without --resume", everywhere=True)
         cfg[key] = value

@@ -125,6 +125,7 @@ LEVERS = {
     "scale-shift norm": {"scale_shift": True},
     "v prediction": {"objective": "v"},
     "label before the SiLU": {"label_silu": True},
+    "embedding 256 wide": {"emb_dim": 256},
 }
 
 # Issue 17's variants against the default (x0 prediction, mse, the U-Net): what the network predicts, the loss
@@ -458,7 +459,8 @@ def describe_checkpoint(path):
                         f"so leave it out of --checkpoint")
     net = f"mlp {cfg['width']} x {cfg['depth']}" if cfg["arch"] == "mlp" else ", ".join(
         [cfg["arch"]] + ["attention"] * cfg["attention"] + ["up-conv low"] * (cfg["up_conv"] == "low")
-        + ["scale-shift"] * cfg["scale_shift"] + ["label-silu"] * cfg["label_silu"])
+        + ["scale-shift"] * cfg["scale_shift"] + ["label-silu"] * cfg["label_silu"]
+        + [f"emb {cfg['emb_dim']}"] * bool(cfg["emb_dim"]))
     return (f"{cfg['objective']} prediction, {cfg['loss']} loss\n{cfg['weighting']} weighting, {net}\n"
             f"{ckpt['step']:,} steps")
 

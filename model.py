@@ -28,6 +28,8 @@ class UNetConfig:
     label_silu: bool = False         # the label joins the timestep embedding before its last SiLU (as in ADM and
                                      # diffusers), so what each block takes from it can change with t; after the
                                      # SiLU (the original) each block gets a fixed offset per label
+    emb_dim: int = 0                 # width of the timestep and label embedding, from emb_dim / 4 sinusoidal
+                                     # features; 0: 4 x channels[0] (ADM's rule: 64 from 16 features by default)
 
 
 UP_CONVS = ("high", "low")
@@ -128,8 +130,10 @@ class UNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         c, g = cfg.channels, cfg.groups
-        tdim = 4 * c[0]
-        self.time_mlp = nn.Sequential(nn.Linear(c[0], tdim), nn.SiLU(), nn.Linear(tdim, tdim))  # then a SiLU
+        tdim = cfg.emb_dim or 4 * c[0]
+        if tdim % 8:
+            raise ValueError(f"emb_dim must be a multiple of 8 (emb_dim / 4 sinusoidal features, sin and cos), not {tdim}")
+        self.time_mlp = nn.Sequential(nn.Linear(tdim // 4, tdim), nn.SiLU(), nn.Linear(tdim, tdim))  # then a SiLU
         self.label_emb = label_embedding(cfg.num_classes, tdim)
         self.stem = nn.Conv2d(1, c[0], 3, padding=1)
 
@@ -161,7 +165,7 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, x, t, y=None):
-        emb = timestep_embedding(t, self.cfg.channels[0])
+        emb = timestep_embedding(t, self.time_mlp[0].in_features)
         if self.cfg.label_silu:  # the label before the embedding's last SiLU
             temb = F.silu(add_label(self.label_emb, self.time_mlp(emb), y))  # (B, tdim)
         else:

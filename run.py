@@ -97,6 +97,17 @@ def timestep_range(s):
     return v
 
 
+def embedding_width(s):
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
+    if v < 8 or v % 8:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 8 like 256 (a quarter of it are sin and "
+                                         f"cos pairs), got {s!r}")
+    return v
+
+
 def channel_list(s):
     v = int_list(s)
     if any(c % UNetConfig.groups for c in v):
@@ -191,6 +202,9 @@ def build_parser():
                    help="the label embedding joins the timestep embedding before its last SiLU, as in ADM and "
                         "diffusers, so what each block takes from the label can change with t (default: after it, "
                         "a fixed offset per label)")
+    g.add_argument("--emb-dim", type=embedding_width, metavar="N",
+                   help="width of the timestep and label embedding every residual block takes, from N/4 "
+                        "sinusoidal features (default: 4 x the first --channels, 64)")
     g.add_argument("--unconditional", dest="conditional", action="store_false", default=None,
                    help="train without digit labels (default: with labels, so the run can also draw a chosen digit)")
     g.add_argument("--label-dropout", type=fraction, metavar="P",

@@ -42,7 +42,8 @@ DEFAULTS = dict(dataset="mnist", arch="unet", channels=UNetConfig.channels, bloc
                 width=MLPConfig.width, depth=MLPConfig.depth, objective="x0", loss="mse", timesteps=1000,
                 batch_size=64, lr=1e-3, adam_beta2=0.999, warmup=200, schedule="cosine", ema_decay=0.999,
                 ema_length=0.1, seed=0, conditional=True, label_dropout=0.1, weighting="p2", attention=False,
-                up_conv=UNetConfig.up_conv, scale_shift=UNetConfig.scale_shift, label_silu=UNetConfig.label_silu)
+                up_conv=UNetConfig.up_conv, scale_shift=UNetConfig.scale_shift, label_silu=UNetConfig.label_silu,
+                emb_dim=UNetConfig.emb_dim)
 # A new posterior-mean run on MNIST under the bound (vlb): T = 100, where the bound weighs the last steps less
 # than at 1000 and the mean's own ancestral sampler takes 100 steps; at the default's 20-minute steps it drew FID
 # 153 with dpm2m (106 with its own DDPM step) against 213 at T = 1000 (docs/variants.md).
@@ -158,12 +159,14 @@ def network_config(cfg, num_classes):
     """The checkpoint's model_config for the run's settings, and a short description of its shape."""
     if cfg["arch"] == "unet":
         config = UNetConfig(cfg["channels"], cfg["blocks"], num_classes=num_classes, attention=cfg["attention"],
-                            up_conv=cfg["up_conv"], scale_shift=cfg["scale_shift"], label_silu=cfg["label_silu"])
+                            up_conv=cfg["up_conv"], scale_shift=cfg["scale_shift"], label_silu=cfg["label_silu"],
+                            emb_dim=cfg["emb_dim"])
         return ({"arch": "unet", **asdict(config)}, f"channels {fmt(cfg['channels'])}, blocks {fmt(cfg['blocks'])}"
                 + (", attention at the lowest level" if cfg["attention"] else "")
                 + (", upsampling convs at the lower resolution" if cfg["up_conv"] == "low" else "")
                 + (", the embedding scales and shifts the norms" if cfg["scale_shift"] else "")
-                + (", the label before the embedding's last SiLU" if cfg["label_silu"] else ""))
+                + (", the label before the embedding's last SiLU" if cfg["label_silu"] else "")
+                + (f", a {cfg['emb_dim']}-wide embedding" if cfg["emb_dim"] else ""))
     elif cfg["arch"] == "mlp":
         return ({"arch": "mlp", **asdict(MLPConfig(cfg["width"], cfg["depth"], num_classes))},
                 f"width {cfg['width']}, depth {cfg['depth']}")

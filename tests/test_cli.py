@@ -101,6 +101,10 @@ def args(workspace, *argv):
     (["--mode", "train", "--dataset", "heart", "--label-silu"], "--label-silu does not apply to --dataset heart"),
     (["--mode", "train", "--arch", "mlp", "--label-silu"], "--label-silu does not apply to --arch mlp"),
     (["--mode", "train", "--unconditional", "--label-silu"], "--label-silu needs labels; drop it"),
+    (["--mode", "train", "--emb-dim", "60"], "--emb-dim: must be a positive multiple of 8 like 256"),
+    (["--mode", "train", "--emb-dim", "0"], "--emb-dim: must be a positive multiple of 8 like 256"),
+    (["--mode", "train", "--arch", "mlp", "--emb-dim", "256"], "--emb-dim does not apply to --arch mlp"),
+    (["--mode", "train", "--dataset", "heart", "--emb-dim", "256"], "--emb-dim does not apply to --dataset heart"),
     (["--mode", "train", "--resume", "--epochs", "1"], "has already used its budget"),
 ])
 def test_bad_arguments(capsys, workspace, argv, expect):
@@ -174,6 +178,8 @@ def test_resume_with_a_different_configuration(capsys, workspace):
                   "was trained without --scale-shift; drop --scale-shift to resume")
     fails_cleanly(capsys, workspace, args(workspace, "--mode", "train", "--resume", "--label-silu"),
                   "was trained without --label-silu; drop --label-silu to resume")
+    fails_cleanly(capsys, workspace, args(workspace, "--mode", "train", "--resume", "--emb-dim", "64"),
+                  "was trained with --emb-dim (4 x its first channels), not 64; drop --emb-dim to resume")
     fails_cleanly(capsys, workspace, args(workspace, "--mode", "train", "--resume", "--attention"),
                   "was trained without --attention; drop --attention to resume")
 

@@ -156,10 +156,10 @@ def test_grid_titles_name_the_mlp_and_what_older_checkpoints_trained_with(worksp
     save_checkpoint(mlp, str(tmp_path / "mlp.pt"))
     assert compare.describe_checkpoint(str(tmp_path / "mlp.pt")).split("\n")[1] == "p2 weighting, mlp 8 x 1"
     variant = compare.load_checkpoint(workspace["checkpoint"])
-    variant["train_config"].update(attention=True, up_conv="low", scale_shift=True, label_silu=True)
+    variant["train_config"].update(attention=True, up_conv="low", scale_shift=True, label_silu=True, emb_dim=256)
     save_checkpoint(variant, str(tmp_path / "variant.pt"))
     assert compare.describe_checkpoint(str(tmp_path / "variant.pt")).split("\n")[1] == (
-        "p2 weighting, unet, attention, up-conv low, scale-shift, label-silu")
+        "p2 weighting, unet, attention, up-conv low, scale-shift, label-silu, emb 256")
     old = compare.load_checkpoint(workspace["checkpoint"])  # from before these were recorded
     for key in ("objective", "loss", "weighting", "arch"):
         del old["train_config"][key]

@@ -151,6 +151,30 @@ def test_label_silu_lets_the_labels_share_of_the_embedding_change_with_t():
     assert not build_network({"arch": "unet", "channels": [8, 16, 32], "num_classes": 10}).cfg.label_silu
 
 
+def test_emb_dim_widens_the_timestep_and_label_embedding():
+    """emb_dim N: N/4 sinusoidal features, a time MLP N wide, a label vector of N and each block's embedding
+    layer taking N; 0 (the default, and checkpoints without the key) keeps ADM's 4 x channels[0]."""
+    torch.manual_seed(0)
+    default = UNet(UNetConfig(channels=(8, 16, 32), num_classes=10))
+    wide = UNet(UNetConfig(channels=(8, 16, 32), num_classes=10, emb_dim=64))
+    assert (default.time_mlp[0].in_features, default.time_mlp[-1].out_features) == (8, 32)
+    assert (wide.time_mlp[0].in_features, wide.time_mlp[-1].out_features) == (16, 64)
+    assert wide.label_emb.weight.shape == (11, 64)
+    assert all(block.temb.in_features == 64 for blocks in (*wide.down, *wide.up) for block in blocks)
+    for p in wide.parameters():  # zero-initialised layers would hide the embedding's effect
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 1, 28, 28)
+    out = wide(x, torch.tensor([5, 5]), torch.tensor([3, 3]))
+    assert out.shape == (2, 1, 28, 28)
+    assert not torch.allclose(out, wide(x, torch.tensor([900, 900]), torch.tensor([3, 3])))
+    assert not torch.allclose(out, wide(x, torch.tensor([5, 5]), torch.tensor([4, 4])))
+    old = build_network({"arch": "unet", "channels": [8, 16, 32], "num_classes": 10})
+    assert old.cfg.emb_dim == 0 and old.time_mlp[-1].out_features == 32
+    assert sum(p.numel() for p in old.parameters()) == sum(p.numel() for p in default.parameters())
+    with pytest.raises(ValueError, match="multiple of 8"):
+        UNet(UNetConfig(channels=(8, 16, 32), emb_dim=60))
+
+
 def test_the_written_out_attention_is_multihead_attention():
     """SelfAttention computes nn.MultiheadAttention's forward with that module's weights, only faster on a CPU."""
     torch.manual_seed(0)

@@ -63,7 +63,7 @@ def test_one_epoch_writes_a_complete_checkpoint_and_log(trained):
     assert ckpt["epoch"] == 1 and ckpt["step"] == 4 and ckpt["batch"] == 0  # 64 images / 16
     assert ckpt["model_config"] == {"arch": "unet", "channels": (8, 16, 32), "blocks": (1, 1, 1), "groups": 8,
                                    "num_classes": 10, "attention": False, "up_conv": "high",
-                                   "scale_shift": False, "label_silu": False}
+                                   "scale_shift": False, "label_silu": False, "emb_dim": 0}
     assert ckpt["diffusion_config"]["timesteps"] == 20
     assert set(ckpt["ema"]) == set(ckpt["model"]) and ckpt["ema_updates"] == 4
     run_dir = os.path.dirname(trained["checkpoint"])

@@ -129,7 +129,7 @@ def test_the_default_mlp_is_512_wide_3_blocks_deep_and_sees_the_timestep():
 
 @pytest.mark.parametrize("flags", [["--objective", "mean", "--loss", "l1"],
                                    ["--arch", "mlp", "--width", "32", "--depth", "2", "--objective", "x0"],
-                                   ["--up-conv", "low", "--scale-shift", "--label-silu", "--objective", "x0"]])
+                                   ["--up-conv", "low", "--scale-shift", "--label-silu", "--emb-dim", "48", "--objective", "x0"]])
 def test_a_checkpoint_records_and_restores_objective_loss_and_network(tmp_path, mnist_root, flags, monkeypatch,
                                                                       capsys):
     tiny = list(TINY)
@@ -152,6 +152,7 @@ def test_a_checkpoint_records_and_restores_objective_loss_and_network(tmp_path, 
     assert ckpt["model_config"].get("up_conv", "high") == up_conv  # the MLP has none
     assert ckpt["model_config"].get("scale_shift", False) == ("--scale-shift" in flags)
     assert ckpt["model_config"].get("label_silu", False) == ("--label-silu" in flags)
+    assert ckpt["model_config"].get("emb_dim", 0) == (48 if "--emb-dim" in flags else 0)
     net = build_network(ckpt["model_config"])
     net.load_state_dict(ckpt["ema"])
     assert type(net).__name__ == ("MLP" if "mlp" in flags else "UNet")
@@ -163,6 +164,7 @@ def test_a_checkpoint_records_and_restores_objective_loss_and_network(tmp_path, 
     assert resumed_ckpt["model_config"].get("up_conv", "high") == up_conv
     assert resumed_ckpt["model_config"].get("scale_shift", False) == ("--scale-shift" in flags)
     assert resumed_ckpt["model_config"].get("label_silu", False) == ("--label-silu" in flags)
+    assert resumed_ckpt["model_config"].get("emb_dim", 0) == (48 if "--emb-dim" in flags else 0)
     resumed = resumed_ckpt["diffusion_config"]
     assert resumed["objective"] == objective
     assert resumed["timesteps"] == 20  # TINY's, not a new mean run's MEAN_TIMESTEPS

@@ -150,6 +150,7 @@ class Judge:
         train_x, train_y = load_mnist(data_dir)
         test_x, test_y = load_mnist(data_dir, train=False)
         self.train_x, self.test_x = to_model_range(train_x), to_model_range(test_x)
+        self.train_y = train_y
         path = os.path.join(cache_dir, "classifier.pt")
         fingerprint = data_fingerprint(train_x, train_y)
         self.model = Classifier().to(device)
@@ -193,8 +194,13 @@ class Judge:
         return metrics(feats, probs, self.test_stats, self.test_feats[ref]), probs.argmax(1)
 
     def floor(self, n, seed=0):
-        """The same metrics for n real training images: what a perfect model would score at this n."""
-        pick = torch.randperm(len(self.train_x), generator=torch.Generator().manual_seed(seed + 1))[:n]
+        """The same metrics for n real training images, each digit as many times as the samples ask for it at
+        this n (sample.stratified_labels): what a perfect model would score here."""
+        g = torch.Generator().manual_seed(seed + 1)
+        prior = torch.bincount(self.train_y, minlength=10).double() / len(self.train_y)
+        counts = torch.bincount(sample.stratified_labels(prior, n, g), minlength=10).tolist()
+        pools = [torch.nonzero(self.train_y == d).flatten() for d in range(10)]
+        pick = torch.cat([pool[torch.randperm(len(pool), generator=g)[:c]] for pool, c in zip(pools, counts)])
         return self(self.train_x[pick], seed)[0]
 
 

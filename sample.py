@@ -5,8 +5,8 @@
 
 The sampler math itself (DDPM, DDIM, DPM-Solver++, Heun) lives in diffusion.py; this file turns a
 checkpoint's EMA weights into an eps(x, t) function, with classifier-free guidance for labelled runs,
-and draws with it. A labelled checkpoint draws each image's digit from the training set's class
-frequencies (the class prior), so its pictures show what it draws when asked, in the data's proportions.
+and draws with it. A labelled checkpoint asks for the digits in the training set's class frequencies (the
+class prior), so its pictures show what it draws when asked, in the data's proportions.
 """
 import math
 import os
@@ -188,6 +188,17 @@ def class_prior(ckpt):
     return torch.tensor(ckpt.get("class_prior") or [0.1] * 10, dtype=torch.float64)
 
 
+def stratified_labels(prior, n, generator):
+    """n digits (n,) in the proportions of prior (10,), in random order: each digit k is drawn floor(n p_k) or
+    that plus one times, n p_k on average (systematic sampling: n evenly spaced points, one random offset, on the
+    prior's cumulative sum). Independent draws would leave each digit's count off by about 10 in 1,000, and
+    as classes lie apart in the eval classifier's features, that mix alone moved FID at N = 1000 by 2 (its
+    standard deviation over draws of real images, 11.5 on average; 0.7 and 8.2 drawn in proportion)."""
+    u = (torch.rand((), generator=generator, dtype=torch.float64) + torch.arange(n, dtype=torch.float64)) / n
+    labels = torch.searchsorted(prior.cumsum(0), u, right=True).clamp(max=len(prior) - 1)
+    return labels[torch.randperm(n, generator=generator)]
+
+
 @dataclass
 class Sampler:
     """A checkpoint ready to draw from: its EMA network as a denoiser, its schedule, the sampler's steps."""
@@ -205,14 +216,14 @@ class Sampler:
     guide_weight: Optional[float] = None  # its weight, None without a guide
 
     def labels(self, n, seed, digit=None):
-        """What to ask for, (n,) or None: digit, else each image's digit drawn from the class prior; None
-        for an unlabelled checkpoint or guidance 0 ("no label")."""
+        """What to ask for, (n,) or None: digit, else the digits in the class prior's proportions, in random order;
+        None for an unlabelled checkpoint or guidance 0 ("no label")."""
         if not self.guidance:
             return None
         if digit is not None:
             return torch.full((n,), digit)
         g = torch.Generator().manual_seed(seed + 3)
-        return torch.multinomial(class_prior(self.ckpt), n, replacement=True, generator=g)
+        return stratified_labels(class_prior(self.ckpt), n, g)
 
     def generate(self, n, seed, labels=None, desc="sampling"):
         """n images from seed, guided towards labels (n,) if given."""

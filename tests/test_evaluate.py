@@ -72,6 +72,21 @@ def test_real_images_score_far_better_than_noise(judge):
     assert real["precision"] > 0.5 and noise["precision"] < 0.1
 
 
+def test_the_floor_takes_each_digit_as_often_as_the_samples_ask_for_it(judge, monkeypatch):
+    """The real images of the floor come in the class prior's proportions, as sample.Sampler.labels asks for
+    the digits, so a perfect model's samples and the floor differ only by chance within each digit."""
+    judge, _ = judge
+    seen = []
+    monkeypatch.setattr(evaluate.Judge, "__call__", lambda self, images, seed=0: (seen.append(images), None))
+    judge.floor(200, seed=4)
+    picked = seen[0].flatten(1)
+    index = [torch.nonzero((judge.train_x.flatten(1) == image).all(1)).flatten()[0].item() for image in picked]
+    assert len(set(index)) == 200  # no image twice
+    prior = torch.bincount(judge.train_y, minlength=10).double() / len(judge.train_y)
+    counts = torch.bincount(judge.train_y[index], minlength=10)
+    assert ((counts - 200 * prior).abs() < 1).all()
+
+
 def test_cached_classifier_is_reused_only_when_it_matches(judge, monkeypatch, capsys):
     judge, (root, cache) = judge
     path = os.path.join(cache, "classifier.pt")

@@ -35,12 +35,23 @@ def test_same_seed_same_images_and_another_seed_differs(workspace, tmp_path):
 
 
 def test_the_class_prior_draws_each_digit_in_proportion():
+    """Each digit is asked for n p_k times, rounded down or up (never off by 10 in 1,000 as independent draws
+    are), in random order; over seeds each count is n p_k on average, so small n stay unbiased."""
     prior = [0.05, 0.15, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]
     sp = sample.Sampler("c.pt", {"class_prior": prior}, None, None, None, 2.0, (0, 999), torch.device("cpu"))
     labels = sp.labels(20_000, seed=0)
-    share = torch.bincount(labels, minlength=10).double() / len(labels)
-    torch.testing.assert_close(share, torch.tensor(prior, dtype=torch.float64), atol=0.01, rtol=0)
+    assert torch.bincount(labels, minlength=10).tolist() == [1000, 3000] + [2000] * 8
     assert torch.equal(labels, sp.labels(20_000, seed=0)) and not torch.equal(labels, sp.labels(20_000, seed=1))
+    assert (labels[:-1] != labels[1:]).double().mean() > 0.8  # shuffled, not in runs of one digit
+    mnist = torch.tensor([0.0987, 0.1124, 0.0993, 0.1022, 0.0974, 0.0904, 0.0986, 0.1044, 0.0975, 0.0992])
+    for n, seed in ((1000, 0), (1000, 1), (256, 2), (37, 3)):
+        counts = torch.bincount(sample.stratified_labels(mnist.double(), n, torch.Generator().manual_seed(seed)),
+                                minlength=10)
+        assert counts.sum() == n and ((counts - n * mnist).abs() < 1).all()
+    few = torch.stack([torch.bincount(sample.stratified_labels(torch.tensor(prior, dtype=torch.float64), 3,
+                                                               torch.Generator().manual_seed(s)), minlength=10)
+                       for s in range(4000)]).double().mean(0) / 3
+    torch.testing.assert_close(few, torch.tensor(prior, dtype=torch.float64), atol=0.01, rtol=0)
     assert torch.equal(sp.labels(5, 0, digit=7), torch.full((5,), 7))
     assert sample.Sampler("c.pt", {}, None, None, None, 0.0, (0, 999), None).labels(5, 0) is None  # "no label"
 

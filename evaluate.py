@@ -150,7 +150,8 @@ class Judge:
         train_x, train_y = load_mnist(data_dir)
         test_x, test_y = load_mnist(data_dir, train=False)
         self.train_x, self.test_x = to_model_range(train_x), to_model_range(test_x)
-        self.train_y = train_y
+        self.train_y, self.test_y = train_y, test_y
+        self.prior = torch.bincount(train_y, minlength=10).double() / len(train_y)  # what the samples ask for
         path = os.path.join(cache_dir, "classifier.pt")
         fingerprint = data_fingerprint(train_x, train_y)
         self.model = Classifier().to(device)
@@ -185,23 +186,25 @@ class Judge:
         print(f"{path} was not trained by this version on this data: retraining it")
         return None
 
+    def pick(self, labels, n, generator):
+        """Indices of n images with these labels, each digit as many times as the samples ask for it at this n
+        (sample.stratified_labels), drawn at random within each digit."""
+        counts = torch.bincount(sample.stratified_labels(self.prior, n, generator), minlength=10).tolist()
+        pools = [torch.nonzero(labels == d).flatten() for d in range(10)]
+        return torch.cat([pool[torch.randperm(len(pool), generator=generator)[:c]] for pool, c in zip(pools, counts)])
+
     def __call__(self, images, seed=0):
         """(metrics, predicted digits (N,)) for images (N, 1, 28, 28) against the test set; precision and
-        recall use N random test images."""
+        recall use N test images in the class prior's proportions."""
         n = len(images)
-        ref = torch.randperm(len(self.test_feats), generator=torch.Generator().manual_seed(seed))[:n]
+        ref = self.pick(self.test_y, n, torch.Generator().manual_seed(seed))
         feats, probs = embed(self.model, images, self.device)
         return metrics(feats, probs, self.test_stats, self.test_feats[ref]), probs.argmax(1)
 
     def floor(self, n, seed=0):
-        """The same metrics for n real training images, each digit as many times as the samples ask for it at
-        this n (sample.stratified_labels): what a perfect model would score here."""
-        g = torch.Generator().manual_seed(seed + 1)
-        prior = torch.bincount(self.train_y, minlength=10).double() / len(self.train_y)
-        counts = torch.bincount(sample.stratified_labels(prior, n, g), minlength=10).tolist()
-        pools = [torch.nonzero(self.train_y == d).flatten() for d in range(10)]
-        pick = torch.cat([pool[torch.randperm(len(pool), generator=g)[:c]] for pool, c in zip(pools, counts)])
-        return self(self.train_x[pick], seed)[0]
+        """The same metrics for n real training images in the class prior's proportions, as the samples ask
+        for the digits: what a perfect model would score at this n."""
+        return self(self.train_x[self.pick(self.train_y, n, torch.Generator().manual_seed(seed + 1))], seed)[0]
 
 
 def as_asked(drawn, asked):

@@ -83,8 +83,10 @@ def test_the_floor_takes_each_digit_as_often_as_the_samples_ask_for_it(judge, mo
     index = [torch.nonzero((judge.train_x.flatten(1) == image).all(1)).flatten()[0].item() for image in picked]
     assert len(set(index)) == 200  # no image twice
     prior = torch.bincount(judge.train_y, minlength=10).double() / len(judge.train_y)
-    counts = torch.bincount(judge.train_y[index], minlength=10)
-    assert ((counts - 200 * prior).abs() < 1).all()
+    assert ((torch.bincount(judge.train_y[index], minlength=10) - 200 * prior).abs() < 1).all()
+    reference = judge.pick(judge.test_y, 200, torch.Generator().manual_seed(4))  # precision and recall's test images
+    assert len(set(reference.tolist())) == 200
+    assert ((torch.bincount(judge.test_y[reference], minlength=10) - 200 * prior).abs() < 1).all()
 
 
 def test_cached_classifier_is_reused_only_when_it_matches(judge, monkeypatch, capsys):

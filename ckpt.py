@@ -171,6 +171,8 @@ def reconcile(given, defaults, ckpt=None, path=None):
     """A run's settings: those given (None means not given), else the checkpoint's on resume, else the
     defaults. On resume a given setting must agree with the checkpoint's."""
     cfg = {**defaults, **ADDED_SETTINGS, **ckpt["train_config"]} if ckpt else dict(defaults)
+    if given.get("emb_dim") and given["emb_dim"] == 4 * (given.get("channels") or cfg["channels"])[0]:
+        given = dict(given, emb_dim=0)  # the default width, given by number: the same network
     for key, value in given.items():
         if value is None:
             continue
@@ -182,8 +184,8 @@ def reconcile(given, defaults, ckpt=None, path=None):
                 was = f"{'with' if cfg[key] else 'without'} {flag}"
             else:
                 flag = "--" + key.replace("_", "-")
-                had = fmt(cfg[key]) if key != "emb_dim" or cfg[key] else "(4 x its first channels)"
-                was = f"with {flag} {had}, not {fmt(value)}"
+                width = (lambda v: v or 4 * cfg["channels"][0]) if key == "emb_dim" else (lambda v: v)  # 0: 4 x c0
+                was = f"with {flag} {fmt(width(cfg[key]))}, not {fmt(width(value))}"
             raise UserError(f"--resume: {path} was trained {was}; drop {flag} to resume, "
                             f"or train a new run without --resume", everywhere=True)
         cfg[key] = value

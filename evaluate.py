@@ -186,12 +186,16 @@ class Judge:
         print(f"{path} was not trained by this version on this data: retraining it")
         return None
 
-    def pick(self, labels, n, generator):
-        """Indices of n images with these labels, each digit as many times as the samples ask for it at this n
-        (sample.stratified_labels), drawn at random within each digit."""
+    def pick(self, labels, n, generator, stratified=True):
+        """Indices of n images with these labels (or all of them, if fewer), in random order: each digit as many
+        times as the samples ask for it at this n (sample.stratified_labels), or (not stratified, or a digit with
+        too few images) drawn at random from all."""
         counts = torch.bincount(sample.stratified_labels(self.prior, n, generator), minlength=10).tolist()
         pools = [torch.nonzero(labels == d).flatten() for d in range(10)]
-        return torch.cat([pool[torch.randperm(len(pool), generator=generator)[:c]] for pool, c in zip(pools, counts)])
+        if not stratified or any(c > len(pool) for pool, c in zip(pools, counts)):
+            return torch.randperm(len(labels), generator=generator)[:n]
+        picked = torch.cat([pool[torch.randperm(len(pool), generator=generator)[:c]] for pool, c in zip(pools, counts)])
+        return picked[torch.randperm(n, generator=generator)]
 
     def __call__(self, images, seed=0):
         """(metrics, predicted digits (N,)) for images (N, 1, 28, 28) against the test set; precision and
@@ -201,10 +205,12 @@ class Judge:
         feats, probs = embed(self.model, images, self.device)
         return metrics(feats, probs, self.test_stats, self.test_feats[ref]), probs.argmax(1)
 
-    def floor(self, n, seed=0):
-        """The same metrics for n real training images in the class prior's proportions, as the samples ask
-        for the digits: what a perfect model would score at this n."""
-        return self(self.train_x[self.pick(self.train_y, n, torch.Generator().manual_seed(seed + 1))], seed)[0]
+    def floor(self, n, seed=0, stratified=True):
+        """The same metrics for n real training images: what a perfect model would score at this n. Stratified
+        (a labelled run asking for its digits) in the class prior's proportions, as the samples ask for them;
+        otherwise at random, as an unlabelled model draws its own mix."""
+        pick = self.pick(self.train_y, n, torch.Generator().manual_seed(seed + 1), stratified)
+        return self(self.train_x[pick], seed)[0]
 
 
 def as_asked(drawn, asked):
@@ -215,8 +221,8 @@ def as_asked(drawn, asked):
 
 def evaluate(s, cache_dir):
     """The eval mode: score s.n_samples (default 1000) samples of s.checkpoint, drawn exactly as the sample
-    mode draws sample.png (for a labelled run: digits from the class prior, guided), against the real-data
-    floor; for a labelled run also how often each digit is drawn as asked. Prints the table, writes eval.json."""
+    mode draws sample.png (for a labelled run: the digits in the class prior's proportions, guided), against
+    the real-data floor; for a labelled run also how often each digit is drawn as asked. Prints the table, writes eval.json."""
     if s.digit is not None:
         raise UserError("--digit is for --mode sample; eval of a labelled run already asks for every digit")
     sp = sample.load_sampler(s)
@@ -229,11 +235,11 @@ def evaluate(s, cache_dir):
     fake = sp.generate(n, s.seed, labels=asked)
     seconds = time.time() - t0
     samples, drawn = judge(fake, s.seed)
-    rows = {"samples": samples, "real": judge.floor(n, s.seed)}
+    rows = {"samples": samples, "real": judge.floor(n, s.seed, stratified=asked is not None)}
     result = {"checkpoint": sp.path, "epoch": sp.ckpt["epoch"], "step": sp.ckpt["step"], "sampler": sp.sampler,
               **sp.plan.kwargs(), "n": n, "seed": s.seed, "sampling_seconds": round(seconds, 1),
               "classifier_accuracy": judge.accuracy, "guidance": sp.guidance, "guide": sp.guide,
-              "guide_weight": sp.guide_weight}
+              "guide_weight": sp.guide_weight, "labels": None if asked is None else "stratified"}
     if asked is not None:
         per_digit = as_asked(drawn, asked)
         result.update(as_asked=per_digit, interval=list(sp.interval))

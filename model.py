@@ -132,7 +132,7 @@ class UNet(nn.Module):
         c, g = cfg.channels, cfg.groups
         tdim = cfg.emb_dim or 4 * c[0]
         if tdim % 8:
-            raise ValueError(f"emb_dim must be a multiple of 8 (emb_dim / 4 sinusoidal features, sin and cos), not {tdim}")
+            raise ValueError(f"emb_dim must be a multiple of 8 (emb_dim / 4 sinusoidal features), not {tdim}")
         self.time_mlp = nn.Sequential(nn.Linear(tdim // 4, tdim), nn.SiLU(), nn.Linear(tdim, tdim))  # then a SiLU
         self.label_emb = label_embedding(cfg.num_classes, tdim)
         self.stem = nn.Conv2d(1, c[0], 3, padding=1)
@@ -273,7 +273,7 @@ def build_network(config):
     arch = config.pop("arch", "unet")  # checkpoints from before the MLP hold a U-Net
     config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
     if arch == "unet":
-        before = {"up_conv": "high", "scale_shift": False, "label_silu": False}  # what a checkpoint without them had
+        before = {"up_conv": "high", "scale_shift": False, "label_silu": False, "emb_dim": 0}  # as before these keys
         return UNet(UNetConfig(**{**before, **config}))
     elif arch == "mlp":
         return MLP(MLPConfig(**config))

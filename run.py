@@ -233,7 +233,7 @@ def build_parser():
     g.add_argument("--churn", type=float, metavar="S", help="heun: EDM's S_churn, noise added back each step "
                                                             "(default 0, deterministic)")
     g.add_argument("--digit", type=int, choices=range(10), metavar="D",
-                   help="sample: a grid of digit D (0-9) (labelled runs; default: digits from the class prior)")
+                   help="sample: a grid of digit D (0-9) (labelled runs; default: the digits in the class prior's proportions)")
     g.add_argument("--guidance", type=guidance_weight, metavar="W",
                    help=f"classifier-free guidance eps_u + W (eps_c - eps_u): 1 is plain conditional, 0 draws "
                         f"with no label (default {GUIDED_GUIDANCE:g} with a guide, {DEFAULT_GUIDANCE:g} without; "

@@ -189,13 +189,14 @@ def class_prior(ckpt):
 
 
 def stratified_labels(prior, n, generator):
-    """n digits (n,) in the proportions of prior (10,), in random order: each digit k is drawn floor(n p_k) or
-    that plus one times, n p_k on average (systematic sampling: n evenly spaced points, one random offset, on the
-    prior's cumulative sum). Independent draws would leave each digit's count off by about 10 in 1,000, and
-    as classes lie apart in the eval classifier's features, that mix alone moved FID at N = 1000 by 2 (its
-    standard deviation over draws of real images, 11.5 on average; 0.7 and 8.2 drawn in proportion)."""
+    """n digits (n,) in the proportions of prior (10,), in random order: digit k floor(n p_k) or ceil(n p_k) times."""
+    # Systematic sampling: n evenly spaced points with one random offset on the prior's cumulative sum, so each
+    # count is n p_k on average. Independent draws leave a count off by about 10 in 1,000, which alone moved
+    # FID at N = 1000 by 2 (docs/recipe.md, "the class mix").
+    cdf = prior.double().cumsum(0) / prior.sum()
+    cdf[-1] = 1.0
     u = (torch.rand((), generator=generator, dtype=torch.float64) + torch.arange(n, dtype=torch.float64)) / n
-    labels = torch.searchsorted(prior.cumsum(0), u, right=True).clamp(max=len(prior) - 1)
+    labels = torch.searchsorted(cdf, u, right=True)
     return labels[torch.randperm(n, generator=generator)]
 
 

@@ -282,7 +282,7 @@ class Trainer:
         data, labels = loaded or load_data(cfg["dataset"], settings.data_dir)
         self.data = data.to(self.device)
         self.labels = labels.to(self.device) if labels is not None else None
-        # The digits' frequencies: sampling draws each image's label from them.
+        # The digits' frequencies: sampling asks for the digits in these proportions.
         self.class_prior = (torch.bincount(labels, minlength=NO_LABEL).double().div(len(labels)).tolist()
                             if labels is not None else None)
         self.n_batches = max(1, len(data) // cfg["batch_size"])  # the last partial batch is dropped

@@ -76,6 +76,17 @@ def test_new_run_folders_count_up_and_empty_leftovers_go(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["run_002", "run_003"]
 
 
+def test_the_default_embedding_width_given_by_number_is_the_default():
+    """--emb-dim 4 x the first channels builds the default network: a new run records it as the default (0), and
+    a run trained with the default resumes with it; another width is refused, both named in numbers."""
+    assert ckpt.reconcile({"emb_dim": 64}, train.DEFAULTS)["emb_dim"] == 0
+    assert ckpt.reconcile({"emb_dim": 128, "channels": (32, 64, 256)}, train.DEFAULTS)["emb_dim"] == 0
+    saved = {"train_config": dict(train.DEFAULTS)}
+    assert ckpt.reconcile({"emb_dim": 64}, train.DEFAULTS, saved, "run_001/ckpt.pt")["emb_dim"] == 0
+    with pytest.raises(UserError, match="was trained with --emb-dim 64, not 256; drop --emb-dim"):
+        ckpt.reconcile({"emb_dim": 256}, train.DEFAULTS, saved, "run_001/ckpt.pt")
+
+
 def test_ema_decay_asks_for_the_classic_ema_and_cannot_switch_a_power_ema_run():
     assert train.DEFAULTS["ema_length"] and ckpt.reconcile({"ema_decay": 0.99}, train.DEFAULTS)["ema_length"] is None
     assert ckpt.reconcile({}, train.DEFAULTS)["ema_length"] == train.DEFAULTS["ema_length"]

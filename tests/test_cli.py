@@ -179,7 +179,7 @@ def test_resume_with_a_different_configuration(capsys, workspace):
     fails_cleanly(capsys, workspace, args(workspace, "--mode", "train", "--resume", "--label-silu"),
                   "was trained without --label-silu; drop --label-silu to resume")
     fails_cleanly(capsys, workspace, args(workspace, "--mode", "train", "--resume", "--emb-dim", "64"),
-                  "was trained with --emb-dim (4 x its first channels), not 64; drop --emb-dim to resume")
+                  "was trained with --emb-dim 32, not 64; drop --emb-dim to resume")  # 4 x its 8 channels
     fails_cleanly(capsys, workspace, args(workspace, "--mode", "train", "--resume", "--attention"),
                   "was trained without --attention; drop --attention to resume")
 

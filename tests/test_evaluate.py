@@ -2,6 +2,7 @@
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -87,6 +88,28 @@ def test_the_floor_takes_each_digit_as_often_as_the_samples_ask_for_it(judge, mo
     reference = judge.pick(judge.test_y, 200, torch.Generator().manual_seed(4))  # precision and recall's test images
     assert len(set(reference.tolist())) == 200
     assert ((torch.bincount(judge.test_y[reference], minlength=10) - 200 * prior).abs() < 1).all()
+    judge.floor(200, seed=4, stratified=False)  # an unlabelled run draws its own mix: so does its floor
+    index = [torch.nonzero((judge.train_x.flatten(1) == image).all(1)).flatten()[0].item() for image in seen[1].flatten(1)]
+    assert len(set(index)) == 200 and torch.bincount(judge.train_y[index], minlength=10).tolist() != [20] * 10
+
+
+def test_pick_takes_each_digit_in_proportion_and_at_random_within_it():
+    labels = torch.arange(10).repeat_interleave(torch.arange(50, 150, 10))  # 50, 60, ..., 140 images of the digits
+    prior = torch.bincount(labels).double() / len(labels)
+
+    def pick(n, seed, stratified=True):
+        return evaluate.Judge.pick(SimpleNamespace(prior=prior), labels, n, torch.Generator().manual_seed(seed),
+                                   stratified)
+
+    for n, seed in ((200, 0), (37, 1), (500, 2)):
+        index = pick(n, seed)
+        assert len(set(index.tolist())) == n
+        assert ((torch.bincount(labels[index], minlength=10) - n * prior).abs() < 1).all()
+    assert set(pick(200, 0).tolist()) != set(pick(200, 1).tolist())  # other images of each digit
+    assert (labels[pick(200, 0)].diff() < 0).any()  # in random order, not digit by digit
+    off = [(torch.bincount(labels[pick(200, s, False)], minlength=10) - 200 * prior).abs().max() for s in range(5)]
+    assert max(off) > 2  # unstratified: the mix varies
+    assert sorted(pick(1000, 3).tolist()) == list(range(950))  # more than a digit has: all of them, at random
 
 
 def test_cached_classifier_is_reused_only_when_it_matches(judge, monkeypatch, capsys):

@@ -52,6 +52,10 @@ def test_the_class_prior_draws_each_digit_in_proportion():
                                                                torch.Generator().manual_seed(s)), minlength=10)
                        for s in range(4000)]).double().mean(0) / 3
     torch.testing.assert_close(few, torch.tensor(prior, dtype=torch.float64), atol=0.01, rtol=0)
+    rounded = torch.tensor([0.0, 0.333, 0.333, 0.333] + [0.0] * 6)  # sums to 0.999; digits never to be asked for
+    for seed in range(50):
+        counts = torch.bincount(sample.stratified_labels(rounded, 3, torch.Generator().manual_seed(seed)), minlength=10)
+        assert counts.tolist() == [0, 1, 1, 1] + [0] * 6
     assert torch.equal(sp.labels(5, 0, digit=7), torch.full((5,), 7))
     assert sample.Sampler("c.pt", {}, None, None, None, 0.0, (0, 999), None).labels(5, 0) is None  # "no label"
 

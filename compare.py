@@ -121,7 +121,7 @@ LEVERS = {
     "label dropout 0.2": {"label_dropout": 0.2},
     "32 channels at 28 px": {"channels": (32, 64, 256)},  # issue 16 screens it only if it costs <= 15% images/s
     "attention at 7 px": {"attention": True},
-    "upsampling convs at low res": {"up_conv": "low"},
+    "upsampling convs at high res": {"up_conv": "high"},  # the default until 2026-11-28
     "scale-shift norm": {"scale_shift": True},
     "v prediction": {"objective": "v"},
     "label before the SiLU": {"label_silu": True},
@@ -458,7 +458,7 @@ def describe_checkpoint(path):
         raise UserError(f"{path} was trained on {cfg['dataset']} (2D points), not MNIST; grids draws digits, "
                         f"so leave it out of --checkpoint")
     net = f"mlp {cfg['width']} x {cfg['depth']}" if cfg["arch"] == "mlp" else ", ".join(
-        [cfg["arch"]] + ["attention"] * cfg["attention"] + ["up-conv low"] * (cfg["up_conv"] == "low")
+        [cfg["arch"]] + ["attention"] * cfg["attention"] + ["up-conv high"] * (cfg["up_conv"] == "high")
         + ["scale-shift"] * cfg["scale_shift"] + ["label-silu"] * cfg["label_silu"]
         + [f"emb {cfg['emb_dim']}"] * bool(cfg["emb_dim"]))
     return (f"{cfg['objective']} prediction, {cfg['loss']} loss\n{cfg['weighting']} weighting, {net}\n"

@@ -21,8 +21,9 @@ class UNetConfig:
     groups: int = 8                  # GroupNorm groups
     num_classes: int = 0             # 0: unconditional; 10: digit labels 0-9, and 10 means "no label"
     attention: bool = False          # one self-attention block over the 7x7 positions, between down and up
-    up_conv: str = "high"            # where each upsampling's 3x3 conv runs: after the 2x nearest resize ("high",
-                                     # the original) or before it, at the lower resolution ("low": 4x fewer FLOPs)
+    up_conv: str = "low"             # where each upsampling's 3x3 conv runs: before the 2x nearest resize, at the
+                                     # lower resolution ("low": 4x fewer FLOPs; the default since 2026-11-28), or
+                                     # after it ("high", the original)
     scale_shift: bool = False        # the embedding scales and shifts each block's second GroupNorm (ADM's AdaGN)
                                      # rather than being added before it
     label_silu: bool = False         # the label joins the timestep embedding before its last SiLU (as in ADM and

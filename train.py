@@ -163,7 +163,7 @@ def network_config(cfg, num_classes):
                             emb_dim=cfg["emb_dim"])
         return ({"arch": "unet", **asdict(config)}, f"channels {fmt(cfg['channels'])}, blocks {fmt(cfg['blocks'])}"
                 + (", attention at the lowest level" if cfg["attention"] else "")
-                + (", upsampling convs at the lower resolution" if cfg["up_conv"] == "low" else "")
+                + (", upsampling convs after the resize (high)" if cfg["up_conv"] == "high" else "")
                 + (", the embedding scales and shifts the norms" if cfg["scale_shift"] else "")
                 + (", the label before the embedding's last SiLU" if cfg["label_silu"] else "")
                 + (f", a {cfg['emb_dim']}-wide embedding" if cfg["emb_dim"] else ""))

@@ -172,8 +172,8 @@ def test_resume_with_a_different_configuration(capsys, workspace):
                   "was trained with --channels 8,16,32, not 8,16,64")
     fails_cleanly(capsys, workspace, args(workspace, "--mode", "train", "--resume", "--adam-beta2", "0.99"),
                   "was trained with --adam-beta2 0.999, not 0.99")
-    fails_cleanly(capsys, workspace, args(workspace, "--mode", "train", "--resume", "--up-conv", "low"),
-                  "was trained with --up-conv high, not low")
+    fails_cleanly(capsys, workspace, args(workspace, "--mode", "train", "--resume", "--up-conv", "high"),
+                  "was trained with --up-conv low, not high")
     fails_cleanly(capsys, workspace, args(workspace, "--mode", "train", "--resume", "--scale-shift"),
                   "was trained without --scale-shift; drop --scale-shift to resume")
     fails_cleanly(capsys, workspace, args(workspace, "--mode", "train", "--resume", "--label-silu"),

@@ -37,7 +37,7 @@ def test_the_cost_of_a_step_depends_on_the_network_and_batch_only():
     assert compare.cost_key("batch 128") != compare.cost_key("default")
     assert compare.cost_key("32 channels at 28 px") != compare.cost_key("default")
     assert compare.cost_key("attention at 7 px") != compare.cost_key("default")
-    assert compare.cost_key("upsampling convs at low res") != compare.cost_key("default")
+    assert compare.cost_key("upsampling convs at high res") != compare.cost_key("default")
     assert not [name for name in compare.KNOWN if "," in name or " + " in name]  # --only splits on both
 
 
@@ -156,16 +156,17 @@ def test_grid_titles_name_the_mlp_and_what_older_checkpoints_trained_with(worksp
     save_checkpoint(mlp, str(tmp_path / "mlp.pt"))
     assert compare.describe_checkpoint(str(tmp_path / "mlp.pt")).split("\n")[1] == "p2 weighting, mlp 8 x 1"
     variant = compare.load_checkpoint(workspace["checkpoint"])
-    variant["train_config"].update(attention=True, up_conv="low", scale_shift=True, label_silu=True, emb_dim=256)
+    variant["train_config"].update(attention=True, up_conv="high", scale_shift=True, label_silu=True, emb_dim=256)
     save_checkpoint(variant, str(tmp_path / "variant.pt"))
     assert compare.describe_checkpoint(str(tmp_path / "variant.pt")).split("\n")[1] == (
-        "p2 weighting, unet, attention, up-conv low, scale-shift, label-silu, emb 256")
+        "p2 weighting, unet, attention, up-conv high, scale-shift, label-silu, emb 256")
     old = compare.load_checkpoint(workspace["checkpoint"])  # from before these were recorded
     for key in ("objective", "loss", "weighting", "arch"):
         del old["train_config"][key]
+    del old["train_config"]["up_conv"]  # the convs were high before the key
     save_checkpoint(old, str(tmp_path / "old.pt"))
     assert compare.describe_checkpoint(str(tmp_path / "old.pt")) == ("eps prediction, mse loss\n"
-                                                                     "uniform weighting, unet\n4 steps")
+                                                                     "uniform weighting, unet, up-conv high\n4 steps")
 
 
 @pytest.mark.parametrize("given, error", [("{a},{missing}", "does not exist"), ("{a},", "no stray comma"),

@@ -64,10 +64,11 @@ def test_the_attention_block_starts_as_the_identity_and_then_learns():
 
 def test_the_upsampling_conv_runs_after_the_resize_or_before_it():
     """up_conv "high" (the original, and what checkpoints without the key build) resizes 2x and then convolves;
-    "low" convolves at the lower resolution and then resizes: the same weights, a quarter of the FLOPs."""
+    "low" (the default) convolves at the lower resolution and then resizes: the same weights, a quarter of the FLOPs."""
     torch.manual_seed(0)
-    high = UNet(UNetConfig(channels=(8, 16, 32)))
-    low = UNet(UNetConfig(channels=(8, 16, 32), up_conv="low"))
+    high = UNet(UNetConfig(channels=(8, 16, 32), up_conv="high"))
+    low = UNet(UNetConfig(channels=(8, 16, 32)))
+    assert low.cfg.up_conv == "low"  # the default since 2026-11-28
     assert count_parameters(low) == count_parameters(high)
     h = torch.randn(2, 32, 7, 7)
     conv_high, conv_low = high.upsample[0][1], low.upsample[0][0]

@@ -62,7 +62,7 @@ def test_one_epoch_writes_a_complete_checkpoint_and_log(trained):
     ckpt = load_checkpoint(trained["checkpoint"])
     assert ckpt["epoch"] == 1 and ckpt["step"] == 4 and ckpt["batch"] == 0  # 64 images / 16
     assert ckpt["model_config"] == {"arch": "unet", "channels": (8, 16, 32), "blocks": (1, 1, 1), "groups": 8,
-                                   "num_classes": 10, "attention": False, "up_conv": "high",
+                                   "num_classes": 10, "attention": False, "up_conv": "low",
                                    "scale_shift": False, "label_silu": False, "emb_dim": 0}
     assert ckpt["diffusion_config"]["timesteps"] == 20
     assert set(ckpt["ema"]) == set(ckpt["model"]) and ckpt["ema_updates"] == 4

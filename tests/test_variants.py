@@ -129,7 +129,7 @@ def test_the_default_mlp_is_512_wide_3_blocks_deep_and_sees_the_timestep():
 
 @pytest.mark.parametrize("flags", [["--objective", "mean", "--loss", "l1"],
                                    ["--arch", "mlp", "--width", "32", "--depth", "2", "--objective", "x0"],
-                                   ["--up-conv", "low", "--scale-shift", "--label-silu", "--emb-dim", "48", "--objective", "x0"]])
+                                   ["--up-conv", "high", "--scale-shift", "--label-silu", "--emb-dim", "48", "--objective", "x0"]])
 def test_a_checkpoint_records_and_restores_objective_loss_and_network(tmp_path, mnist_root, flags, monkeypatch,
                                                                       capsys):
     tiny = list(TINY)
@@ -148,8 +148,8 @@ def test_a_checkpoint_records_and_restores_objective_loss_and_network(tmp_path, 
     # The posterior mean trains under the variational bound's weighting unless told otherwise.
     assert ckpt["diffusion_config"]["weighting"] == ("vlb" if objective == "mean" else "p2")
     assert ckpt["model_config"]["arch"] == ("mlp" if "mlp" in flags else "unet")
-    up_conv = "low" if "--up-conv" in flags else "high"
-    assert ckpt["model_config"].get("up_conv", "high") == up_conv  # the MLP has none
+    up_conv = None if "mlp" in flags else "high" if "--up-conv" in flags else "low"  # low: the default; the MLP has none
+    assert ckpt["model_config"].get("up_conv") == up_conv
     assert ckpt["model_config"].get("scale_shift", False) == ("--scale-shift" in flags)
     assert ckpt["model_config"].get("label_silu", False) == ("--label-silu" in flags)
     assert ckpt["model_config"].get("emb_dim", 0) == (48 if "--emb-dim" in flags else 0)
@@ -161,7 +161,7 @@ def test_a_checkpoint_records_and_restores_objective_loss_and_network(tmp_path, 
     assert run.main(["--mode", "train", "--resume", "--epochs", "2", "--data-dir", mnist_root,
                      "--ckpt-dir", ckpt_dir, "--device", "cpu", "--precision", "fp32"]) == 0
     resumed_ckpt = load_checkpoint(latest_checkpoint(ckpt_dir))
-    assert resumed_ckpt["model_config"].get("up_conv", "high") == up_conv
+    assert resumed_ckpt["model_config"].get("up_conv") == up_conv
     assert resumed_ckpt["model_config"].get("scale_shift", False) == ("--scale-shift" in flags)
     assert resumed_ckpt["model_config"].get("label_silu", False) == ("--label-silu" in flags)
     assert resumed_ckpt["model_config"].get("emb_dim", 0) == (48 if "--emb-dim" in flags else 0)

@@ -192,7 +192,7 @@ def stratified_labels(prior, n, generator):
     """n digits (n,) in the proportions of prior (10,), in random order: digit k floor(n p_k) or ceil(n p_k) times."""
     # Systematic sampling: n evenly spaced points with one random offset on the prior's cumulative sum, so each
     # count is n p_k on average. Independent draws leave a count off by about 10 in 1,000, which alone moved
-    # FID at N = 1000 by 2 (docs/recipe.md, "the class mix").
+    # FID at N = 1000 by 1.5 (docs/recipe.md, "the class mix").
     cdf = prior.double().cumsum(0) / prior.sum()
     cdf[-1] = 1.0
     u = (torch.rand((), generator=generator, dtype=torch.float64) + torch.arange(n, dtype=torch.float64)) / n

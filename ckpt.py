@@ -184,8 +184,8 @@ def reconcile(given, defaults, ckpt=None, path=None):
                 was = f"{'with' if cfg[key] else 'without'} {flag}"
             else:
                 flag = "--" + key.replace("_", "-")
-                width = (lambda v: v or 4 * cfg["channels"][0]) if key == "emb_dim" else (lambda v: v)  # 0: 4 x c0
-                was = f"with {flag} {fmt(width(cfg[key]))}, not {fmt(width(value))}"
+                shown = lambda v: fmt(v or 4 * cfg["channels"][0] if key == "emb_dim" else v)  # emb_dim 0: 4 x c0
+                was = f"with {flag} {shown(cfg[key])}, not {shown(value)}"
             raise UserError(f"--resume: {path} was trained {was}; drop {flag} to resume, "
                             f"or train a new run without --resume", everywhere=True)
         cfg[key] = value

@@ -150,7 +150,22 @@ def test_eval_mode_writes_a_report(workspace):
                      "--ckpt-dir", workspace["ckpt_dir"], "--out-dir", out, "--device", "cpu", "--precision", "fp32",
                      "--guide-checkpoint", guide, "--guide-weight", "3"]) == 0
     report = json.load(open(os.path.join(out, "eval.json")))
-    assert report["guide"] == guide and report["guide_weight"] == 3
+    assert report["guide"] == guide and report["guide_weight"] == 3 and report["labels"] == "stratified"
+
+
+def test_a_floor_is_stratified_only_where_the_samples_ask_for_digits(workspace, monkeypatch):
+    """Asked-for digits come in the prior's proportions, and so do the floor's; with no label (guidance 0) the
+    model draws its own mix, and the floor's real images are drawn at random."""
+    floors, real_floor = [], evaluate.Judge.floor
+    monkeypatch.setattr(evaluate.Judge, "floor", lambda self, n, seed=0, stratified=True:
+                        floors.append(stratified) or real_floor(self, n, seed, stratified))
+    out = workspace["out_dir"]
+    for guidance in ("1.5", "0"):
+        assert run.main(["--mode", "eval", "--n-samples", "40", "--steps", "2", "--guidance", guidance,
+                         "--data-dir", workspace["data_dir"], "--ckpt-dir", workspace["ckpt_dir"], "--out-dir", out,
+                         "--device", "cpu", "--precision", "fp32"]) == 0
+    assert floors == [True, False]
+    assert json.load(open(os.path.join(out, "eval.json")))["labels"] is None
 
 
 def test_eval_every_adds_quality_to_the_training_log(workspace):

@@ -190,14 +190,14 @@ class Judge:
         """Indices of n images with these labels (or all of them, if fewer), in random order: each digit as many
         times as the samples ask for it at this n (sample.stratified_labels), or (not stratified, or a digit with
         too few images) drawn at random from all."""
-        if not stratified:
-            return torch.randperm(len(labels), generator=generator)[:n]
-        counts = torch.bincount(sample.stratified_labels(self.prior, n, generator), minlength=10).tolist()
-        pools = [torch.nonzero(labels == d).flatten() for d in range(10)]
-        if any(c > len(pool) for pool, c in zip(pools, counts)):
-            return torch.randperm(len(labels), generator=generator)[:n]
-        picked = torch.cat([pool[torch.randperm(len(pool), generator=generator)[:c]] for pool, c in zip(pools, counts)])
-        return picked[torch.randperm(n, generator=generator)]
+        if stratified:
+            counts = torch.bincount(sample.stratified_labels(self.prior, n, generator), minlength=10).tolist()
+            pools = [torch.nonzero(labels == d).flatten() for d in range(10)]
+            if all(c <= len(pool) for pool, c in zip(pools, counts)):
+                picked = torch.cat([pool[torch.randperm(len(pool), generator=generator)[:c]]
+                                    for pool, c in zip(pools, counts)])
+                return picked[torch.randperm(n, generator=generator)]
+        return torch.randperm(len(labels), generator=generator)[:n]
 
     def __call__(self, images, seed=0):
         """(metrics, predicted digits (N,)) for images (N, 1, 28, 28) against the test set; precision and

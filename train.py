@@ -39,7 +39,7 @@ from model import MLPConfig, PointMLPConfig, UNetConfig, build_network, count_pa
 # The settings that define a run. A new run takes these unless told otherwise; a resumed run takes its
 # checkpoint's, and a setting given on resume must agree with the checkpoint's.
 DEFAULTS = dict(dataset="mnist", arch="unet", channels=UNetConfig.channels, blocks=UNetConfig.blocks,
-                width=MLPConfig.width, depth=MLPConfig.depth, objective="x0", loss="mse", timesteps=1000,
+                width=MLPConfig.width, depth=MLPConfig.depth, objective="v", loss="mse", timesteps=1000,
                 batch_size=64, lr=1e-3, adam_beta2=0.999, warmup=200, schedule="cosine", ema_decay=0.999,
                 ema_length=0.1, seed=0, conditional=True, label_dropout=0.1, weighting="p2", attention=False,
                 up_conv=UNetConfig.up_conv, scale_shift=UNetConfig.scale_shift, label_silu=UNetConfig.label_silu,

@@ -60,7 +60,7 @@ def args(workspace, *argv):
     (["--mode", "train", "--steps", "20"], "--steps is a sampling flag and does nothing in --mode train"),
     (["--mode", "sample", "--lr", "1e-3"], "--lr is a training flag and does nothing in --mode sample"),
     (["--mode", "eval", "--unconditional"], "--unconditional is a training flag"),
-    (["--mode", "train", "--resume", "--objective", "eps"], "was trained with --objective x0, not eps"),
+    (["--mode", "train", "--resume", "--objective", "eps"], "was trained with --objective v, not eps"),
     (["--mode", "sample", "--checkpoint", "no/such/file.pt"], "does not exist"),
     (["--mode", "sample", "--sampler", "ddpm", "--steps", "5"], "--sampler ddpm always runs all"),
     (["--mode", "sample", "--steps", "999"], "exceeds the checkpoint's 20 timesteps"),

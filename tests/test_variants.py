@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import run
-from ckpt import FORMAT, latest_checkpoint, load_checkpoint, reconcile, save_checkpoint
+from ckpt import FORMAT, MLP_OBJECTIVE, latest_checkpoint, load_checkpoint, reconcile, save_checkpoint
 from conftest import TINY, exact_eps
 from diffusion import Diffusion
 from model import MLP, MLPConfig, build_network, count_parameters
@@ -208,6 +208,19 @@ def test_a_new_mean_run_on_mnist_trains_at_t_100_under_the_bound_unless_told():
     assert new_run(objective="mean", timesteps=1000) == 1000
     assert new_run(objective="mean", weighting="p2") == new_run(objective="eps") == DEFAULTS["timesteps"] == 1000
     assert new_run(objective="mean", dataset="heart") == 1000
+
+
+def test_a_new_mlp_run_predicts_x0_unless_told():
+    """Predicting v, the U-Net's default, the MLP drew noise (docs/variants.md): a new MLP run predicts x0 unless told
+    otherwise, the U-Net keeps the default, and a resumed run keeps its checkpoint's objective."""
+    def new_run(**given):
+        return for_dataset(reconcile(given, DEFAULTS), given)
+    assert new_run(arch="mlp")["objective"] == MLP_OBJECTIVE == "x0"
+    assert new_run()["objective"] == new_run(arch="unet")["objective"] == DEFAULTS["objective"] == "v"
+    told = new_run(arch="mlp", objective="mean")
+    assert (told["objective"], told["weighting"], told["timesteps"]) == ("mean", "vlb", MEAN_TIMESTEPS)
+    older = {"train_config": dict(DEFAULTS, arch="mlp", objective="v")}  # an MLP run begun before this rule
+    assert reconcile({}, DEFAULTS, older, "older.pt")["objective"] == "v"
 
 
 @pytest.mark.parametrize("timesteps, flags, note", [

@@ -56,6 +56,8 @@ def args(workspace, *argv):
     (["--mode", "train", "--channels", "8,12,16"], "--channels: must be three multiples of 8"),
     (["--mode", "train", "--arch", "mlp", "--channels", "8,16,32"], "--channels does not apply to --arch mlp"),
     (["--mode", "train", "--width", "64"], "--width does not apply to --arch unet"),
+    (["--mode", "train", "--arch", "mlp", "--objective", "v"], "--objective v: the MLP predicting v draws noise"),
+    (["--mode", "train", "--arch", "mlp", "--objective", "mean"], "--objective mean: the MLP predicting mean draws noise"),
     (["--mode", "train", "--objective", "velocity"], "--objective: invalid choice: 'velocity'"),
     (["--mode", "train", "--steps", "20"], "--steps is a sampling flag and does nothing in --mode train"),
     (["--mode", "sample", "--lr", "1e-3"], "--lr is a training flag and does nothing in --mode sample"),

@@ -6,6 +6,7 @@ import run
 from ckpt import FORMAT, MLP_OBJECTIVE, latest_checkpoint, load_checkpoint, reconcile, save_checkpoint
 from conftest import TINY, exact_eps
 from diffusion import Diffusion
+from errors import UserError
 from model import MLP, MLPConfig, build_network, count_parameters
 from train import DEFAULTS, MEAN_TIMESTEPS, for_dataset
 
@@ -210,17 +211,23 @@ def test_a_new_mean_run_on_mnist_trains_at_t_100_under_the_bound_unless_told():
     assert new_run(objective="mean", dataset="heart") == 1000
 
 
-def test_a_new_mlp_run_predicts_x0_unless_told():
-    """Predicting v, the U-Net's default, the MLP drew noise (docs/variants.md): a new MLP run predicts x0 unless told
-    otherwise, the U-Net keeps the default, and a resumed run keeps its checkpoint's objective."""
+def test_an_mlp_run_predicts_x0_and_nothing_else():
+    """Predicting v (the U-Net's default), eps or the posterior mean, the MLP drew noise (docs/variants.md): an MLP
+    run predicts x0 unless told, is neither started nor resumed predicting anything else (the CLI's message:
+    tests/test_cli.py), and the U-Net keeps its default and every objective."""
     def new_run(**given):
         return for_dataset(reconcile(given, DEFAULTS), given)
-    assert new_run(arch="mlp")["objective"] == MLP_OBJECTIVE == "x0"
+    assert new_run(arch="mlp")["objective"] == new_run(arch="mlp", objective="x0")["objective"] == MLP_OBJECTIVE == "x0"
     assert new_run()["objective"] == new_run(arch="unet")["objective"] == DEFAULTS["objective"] == "v"
-    told = new_run(arch="mlp", objective="mean")
-    assert (told["objective"], told["weighting"], told["timesteps"]) == ("mean", "vlb", MEAN_TIMESTEPS)
-    older = {"train_config": dict(DEFAULTS, arch="mlp", objective="v")}  # an MLP run begun before this rule
-    assert reconcile({}, DEFAULTS, older, "older.pt")["objective"] == "v"
+    assert [new_run(objective=o)["objective"] for o in ("eps", "mean")] == ["eps", "mean"]
+    for objective in ("eps", "v", "mean"):
+        with pytest.raises(UserError, match=f"--objective {objective}: the MLP predicting {objective} draws noise"):
+            new_run(arch="mlp", objective=objective)
+        older = {"train_config": dict(DEFAULTS, arch="mlp", objective=objective)}  # begun before this rule
+        with pytest.raises(UserError, match="older.pt is the MLP predicting .* train a new MLP run, which predicts x0"):
+            reconcile({}, DEFAULTS, older, "older.pt")
+    x0_run = {"train_config": dict(DEFAULTS, arch="mlp", objective="x0")}
+    assert reconcile({}, DEFAULTS, x0_run, "x0.pt")["objective"] == "x0"
 
 
 @pytest.mark.parametrize("timesteps, flags, note", [

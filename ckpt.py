@@ -198,13 +198,11 @@ def reconcile(given, defaults, ckpt=None, path=None):
         raise UserError("--label-dropout needs labels; drop it or drop --unconditional")
     if not cfg["conditional"] and given.get("label_silu"):
         raise UserError("--label-silu needs labels; drop it or drop --unconditional")
-    if not ckpt and cfg["arch"] == "mlp" and given.get("objective") is None:
+    if not ckpt and cfg["arch"] == "mlp":
+        if cfg["objective"] != MLP_OBJECTIVE and given.get("objective") is not None:
+            raise UserError(f"--objective {cfg['objective']}: the MLP predicting {cfg['objective']} draws noise "
+                            f"(docs/variants.md); drop it (the MLP predicts x0) or train the U-Net", everywhere=True)
         cfg["objective"] = MLP_OBJECTIVE
-    if cfg["arch"] == "mlp" and cfg["objective"] != MLP_OBJECTIVE:
-        drew = f"the MLP predicting {cfg['objective']} draws noise (docs/variants.md)"
-        raise UserError(f"--resume: {path} is {drew}; train a new MLP run, which predicts x0" if ckpt else
-                        f"--objective {cfg['objective']}: {drew}; drop it (the MLP predicts x0) or train the U-Net",
-                        everywhere=True)
     if not ckpt and cfg["objective"] == "mean" and given.get("weighting") is None:
         cfg["weighting"] = "vlb"  # the posterior mean trains only under the bound's weighting (DDPM Table 2)
     if given.get("ema_length") is not None and given.get("ema_decay") is not None:

@@ -27,8 +27,8 @@ from tqdm import tqdm
 import evaluate
 import figures
 import sample
-from ckpt import (FORMAT, UNET_SETTINGS, checkpoint_path, clean_temporary, fmt, load_checkpoint, new_run_dir,
-                  prune_checkpoints, reconcile, save_checkpoint, save_figure, training_lock, write_atomic)
+from ckpt import (FORMAT, MLP_OBJECTIVE, UNET_SETTINGS, checkpoint_path, clean_temporary, fmt, load_checkpoint,
+                  new_run_dir, prune_checkpoints, reconcile, save_checkpoint, save_figure, training_lock, write_atomic)
 from data import load_data, to_model_range
 from diffusion import Diffusion
 from distributed import World, peer_failed, peer_lost
@@ -89,6 +89,9 @@ def train(settings, given=None, world=None):
         cfg = reconcile(given or {}, DEFAULTS, ckpt, settings.resume)
         if not ckpt:
             cfg = for_dataset(cfg, given or {})
+        elif cfg["arch"] == "mlp" and cfg["objective"] != MLP_OBJECTIVE:
+            raise UserError(f"--resume: {settings.resume} is an MLP predicting {cfg['objective']}, which draws noise "
+                            f"(docs/variants.md); train a new MLP run, which predicts x0", everywhere=True)
         world.check_batch(cfg["batch_size"])
         try:
             return Trainer(settings, cfg, ckpt, world).run()

@@ -211,23 +211,28 @@ def test_a_new_mean_run_on_mnist_trains_at_t_100_under_the_bound_unless_told():
     assert new_run(objective="mean", dataset="heart") == 1000
 
 
-def test_an_mlp_run_predicts_x0_and_nothing_else():
+def test_an_mlp_run_predicts_x0_and_nothing_else(workspace, capsys):
     """Predicting v (the U-Net's default), eps or the posterior mean, the MLP drew noise (docs/variants.md): an MLP
-    run predicts x0 unless told, is neither started nor resumed predicting anything else (the CLI's message:
-    tests/test_cli.py), and the U-Net keeps its default and every objective."""
+    run predicts x0 unless told, is neither started (the CLI's message: tests/test_cli.py) nor resumed predicting
+    anything else, while such a checkpoint is still described (and sampled); the U-Net keeps every objective."""
     def new_run(**given):
         return for_dataset(reconcile(given, DEFAULTS), given)
     assert new_run(arch="mlp")["objective"] == new_run(arch="mlp", objective="x0")["objective"] == MLP_OBJECTIVE == "x0"
     assert new_run()["objective"] == new_run(arch="unet")["objective"] == DEFAULTS["objective"] == "v"
     assert [new_run(objective=o)["objective"] for o in ("eps", "mean")] == ["eps", "mean"]
+    older = load_checkpoint(workspace["checkpoint"])  # an MLP run begun before this rule, predicting v
+    older["train_config"].update(arch="mlp", objective="v")
+    save_checkpoint(older, workspace["checkpoint"])
+    assert reconcile({}, DEFAULTS, older, workspace["checkpoint"])["objective"] == "v"
     for objective in ("eps", "v", "mean"):
         with pytest.raises(UserError, match=f"--objective {objective}: the MLP predicting {objective} draws noise"):
             new_run(arch="mlp", objective=objective)
-        older = {"train_config": dict(DEFAULTS, arch="mlp", objective=objective)}  # begun before this rule
-        with pytest.raises(UserError, match="older.pt is the MLP predicting .* train a new MLP run, which predicts x0"):
-            reconcile({}, DEFAULTS, older, "older.pt")
-    x0_run = {"train_config": dict(DEFAULTS, arch="mlp", objective="x0")}
-    assert reconcile({}, DEFAULTS, x0_run, "x0.pt")["objective"] == "x0"
+    assert run.main(["--mode", "train", "--resume", "--checkpoint", workspace["checkpoint"], "--epochs", "9",
+                     "--data-dir", workspace["data_dir"]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --resume: ") and len(err.splitlines()) == 1
+    assert err.endswith("is an MLP predicting v, which draws noise (docs/variants.md); train a new MLP run, which "
+                        "predicts x0")
 
 
 @pytest.mark.parametrize("timesteps, flags, note", [

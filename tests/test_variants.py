@@ -213,7 +213,7 @@ def test_a_new_mean_run_on_mnist_trains_at_t_100_under_the_bound_unless_told():
 
 def test_an_mlp_run_predicts_x0_and_nothing_else(workspace, capsys):
     """Predicting v (the U-Net's default), eps or the posterior mean, the MLP drew noise (docs/variants.md): an MLP
-    run predicts x0 unless told, is neither started (the CLI's message: tests/test_cli.py) nor resumed predicting
+    run predicts x0, is neither started (the CLI's message: tests/test_cli.py) nor resumed predicting
     anything else, while such a checkpoint is still described (and sampled); the U-Net keeps every objective."""
     def new_run(**given):
         return for_dataset(reconcile(given, DEFAULTS), given)

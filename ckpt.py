@@ -22,8 +22,9 @@ ADDED_SETTINGS = dict(conditional=False, label_dropout=0.0, schedule="constant",
                       emb_dim=0)
 # What an MLP run on MNIST predicts: x0, the one objective it learns. After the same 74,558 steps (seed 0), x0 drew
 # FID 63, and predicting v (the U-Net's default) the 512 x 3 MLP drew noise, FID 2,700, the posterior mean 24,000
-# and eps 25,700, each without the guide (docs/variants.md); likely because the noise is 784 numbers, one a pixel, that its 512-wide layers
-# cannot pass through, and eps, the mean's eq. 11 output and v near t = 0 are mostly the noise, where x0 is a digit.
+# and eps 25,700, each without the guide (docs/variants.md); likely because the noise is 784 numbers, one a pixel,
+# that its 512-wide layers cannot pass through, and eps, the mean's eq. 11 output and v near t = 0 are mostly the
+# noise, where x0 is a digit.
 MLP_OBJECTIVE = "x0"
 # The settings that shape the U-Net, and so do not apply to the MLPs.
 UNET_SETTINGS = ("channels", "blocks", "attention", "up_conv", "scale_shift", "label_silu", "emb_dim")

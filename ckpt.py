@@ -200,7 +200,7 @@ def reconcile(given, defaults, ckpt=None, path=None):
     if not cfg["conditional"] and given.get("label_silu"):
         raise UserError("--label-silu needs labels; drop it or drop --unconditional")
     if not ckpt and cfg["arch"] == "mlp":
-        if cfg["objective"] != MLP_OBJECTIVE and given.get("objective") is not None:
+        if given.get("objective") not in (None, MLP_OBJECTIVE):
             raise UserError(f"--objective {cfg['objective']}: the MLP predicting {cfg['objective']} draws noise "
                             f"(docs/variants.md); drop it (the MLP predicts x0) or train the U-Net", everywhere=True)
         cfg["objective"] = MLP_OBJECTIVE

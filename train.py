@@ -89,7 +89,7 @@ def train(settings, given=None, world=None):
         cfg = reconcile(given or {}, DEFAULTS, ckpt, settings.resume)
         if not ckpt:
             cfg = for_dataset(cfg, given or {})
-        elif cfg["arch"] == "mlp" and cfg["objective"] != MLP_OBJECTIVE:
+        elif cfg["arch"] == "mlp" and cfg["objective"] != MLP_OBJECTIVE:  # here: reconcile also describes such runs
             raise UserError(f"--resume: {settings.resume} is an MLP predicting {cfg['objective']}, which draws noise "
                             f"(docs/variants.md); train a new MLP run, which predicts x0", everywhere=True)
         world.check_batch(cfg["batch_size"])

@@ -138,7 +138,7 @@ def test_eval_mode_writes_a_report(workspace):
                      "--ckpt-dir", workspace["ckpt_dir"], "--out-dir", out, "--device", "cpu",
                      "--precision", "fp32"]) == 0
     report = json.load(open(os.path.join(out, "eval.json")))
-    assert report["n"] == 40 and report["steps"] == 3 and report["sampler"] == sample.DEFAULT_SAMPLER == "dpm2m"
+    assert report["n"] == 40 and report["steps"] == 3 and report["sampler"] == sample.DEFAULT_SAMPLER == "heun"
     for row in ("samples", "real"):
         assert set(report[row]) >= {"fid", "precision", "recall", "confident", "entropy", "histogram"}
         assert sum(report[row]["histogram"]) == 40

@@ -175,8 +175,9 @@ def build_parser():
                         "sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (x0 by a skip from x_t plus the output), or the posterior "
                         "mean of x_{t-1}, made from a noise output by DDPM's eq. 11 (sampled with --sampler ddpm by "
                         "default; every sampler serves it) "
-                        f"(default {D['objective']}; --arch mlp learns x0 alone, its default)")
-    g.add_argument("--loss", choices=list(LOSSES), help="the regression loss on that target (default mse)")
+                        f"(default {D['objective']}; x0 for --arch mlp, which learns it alone, and for --loss l1)")
+    g.add_argument("--loss", choices=list(LOSSES),
+                   help="the regression loss on that target (default mse; l1 predicts x0 unless --objective is given)")
     g.add_argument("--weighting", choices=WEIGHTINGS,
                    help="where the loss is spent over t: uniform t, unweighted (DDPM); min-snr: x0 error weighted "
                         "min(SNR, 5); p2: weighted SNR/(1+SNR); p2-drawn: p2's loss over its mean weight, t drawn in "

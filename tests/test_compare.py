@@ -137,7 +137,7 @@ def test_grids_draws_checkpoints_side_by_side_titled_by_what_they_record(workspa
     order, into one figure, each titled by the settings it records."""
     a = workspace["checkpoint"]
     b, loaded, grids, titles, path = grids_of(tmp_path, a, monkeypatch)
-    assert loaded == [(a, "dpm2m"), (b, "dpm2m")]
+    assert loaded == [(a, "heun"), (b, "heun")]  # the default sampler
     assert [g.shape for g in grids] == [(64, 1, 28, 28)] * 2 and not torch.equal(grids[0], grids[1])
     assert titles == ["v prediction, mse loss\np2 weighting, unet\n4 steps",
                       "eps prediction, l1 loss\nuniform weighting, unet\n1,234 steps"]

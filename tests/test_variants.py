@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import run
-from ckpt import FORMAT, MLP_OBJECTIVE, latest_checkpoint, load_checkpoint, reconcile, save_checkpoint
+from ckpt import FORMAT, L1_OBJECTIVE, MLP_OBJECTIVE, latest_checkpoint, load_checkpoint, reconcile, save_checkpoint
 from conftest import TINY, exact_eps
 from diffusion import Diffusion
 from errors import UserError
@@ -169,8 +169,9 @@ def test_a_checkpoint_records_and_restores_objective_loss_and_network(tmp_path, 
     resumed = resumed_ckpt["diffusion_config"]
     assert resumed["objective"] == objective
     assert resumed["timesteps"] == 20  # TINY's, not a new mean run's MEAN_TIMESTEPS
-    applied, real_predict = set(), Diffusion.predict_x0
+    applied, real_predict, real_x0_of = set(), Diffusion.predict_x0, Diffusion.x0_of  # x0_of: Heun's way to x0
     monkeypatch.setattr(Diffusion, "predict_x0", lambda self, *a: applied.add(self.objective) or real_predict(self, *a))
+    monkeypatch.setattr(Diffusion, "x0_of", lambda self, *a: applied.add(self.objective) or real_x0_of(self, *a))
     sample = ["--mode", "sample", "--ckpt-dir", ckpt_dir, "--out-dir", str(tmp_path / "gen"), "--n-samples", "4",
               "--data-dir", mnist_root, "--device", "cpu", "--precision", "fp32"]
     # A posterior-mean network samples with its own ancestral step over every timestep, by default.
@@ -233,6 +234,26 @@ def test_an_mlp_run_predicts_x0_and_nothing_else(workspace, capsys):
     assert err.startswith("error: --resume: ") and len(err.splitlines()) == 1
     assert err.endswith("is an MLP predicting v, which draws noise (docs/variants.md); train a new MLP run, which "
                         "predicts x0")
+
+
+def test_an_l1_run_predicts_x0_unless_told(workspace, tmp_path, mnist_root, capsys):
+    """L1 on v drew far worse digits than L1 on x0 (docs/variants.md): a new --loss l1 run predicts x0 unless
+    --objective says otherwise, and L1 on v says what it measured; the heart keeps eps, and a checkpoint keeps
+    what it predicts."""
+    def new_run(**given):
+        return for_dataset(reconcile(given, DEFAULTS), given)
+    assert new_run(loss="l1")["objective"] == L1_OBJECTIVE == "x0" != DEFAULTS["objective"]
+    assert [new_run(loss="l1", objective=o)["objective"] for o in ("v", "eps")] == ["v", "eps"]
+    assert new_run(loss="mse")["objective"] == DEFAULTS["objective"]
+    assert new_run(loss="l1", dataset="heart")["objective"] == "eps"
+    older = load_checkpoint(workspace["checkpoint"])  # an L1 run begun before this rule, predicting v
+    older["train_config"].update(loss="l1", objective="v")
+    assert reconcile({}, DEFAULTS, older, workspace["checkpoint"])["objective"] == "v"
+    for flags, says in (([], "predicts x0, l1 loss"), (["--objective", "v"], "predicts v, l1 loss")):
+        assert run.main(["--mode", "train", "--train-steps", "1", "--data-dir", mnist_root, "--ckpt-dir",
+                         str(tmp_path / "l1"), *TINY, "--loss", "l1", *flags]) == 0
+        out = capsys.readouterr().out
+        assert says in out and ("L1 on v drew far worse digits" in out) == bool(flags)
 
 
 @pytest.mark.parametrize("timesteps, flags, note", [

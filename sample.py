@@ -34,8 +34,8 @@ NO_GUIDE = "none"  # --guide-checkpoint none: no autoguidance, even where the ru
 DEFAULT_INTERVAL_SHARE = (0.1, 0.6)
 EVERYWHERE = (0, 10_000)
 SAMPLERS = ("ddpm", "ddim", "dpm2m", "dpm2m-sde", "heun")
-# EDM's Heun at 10 steps (19 network calls): level with dpm2m 20 at the default 10 epochs and better at 3-7
-# epochs, where a shorter budget or a slower machine stops (docs/sampling.md, fourteenth session).
+# EDM's Heun at 10 steps (19 network calls): level with dpm2m 20 at the end of a 5- or 10-epoch run, and better on
+# the checkpoints before it (1.5 FID at epoch 3 of 10, 0.6 at 5; docs/sampling.md, fourteenth session).
 DEFAULT_SAMPLER = "heun"
 # Steps when --steps is not given: each solver's at about DDIM-50's quality here (docs/sampling.md).
 DEFAULT_STEPS = {"ddim": 50, "dpm2m": 20, "dpm2m-sde": 20, "heun": 10}

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import run
+import train
 from ckpt import FORMAT, L1_OBJECTIVE, MLP_OBJECTIVE, latest_checkpoint, load_checkpoint, reconcile, save_checkpoint
 from conftest import TINY, exact_eps
 from diffusion import Diffusion
@@ -254,6 +255,21 @@ def test_an_l1_run_predicts_x0_unless_told(workspace, tmp_path, mnist_root, caps
                          str(tmp_path / "l1"), *TINY, "--loss", "l1", *flags]) == 0
         out = capsys.readouterr().out
         assert says in out and ("L1 on v drew far worse digits" in out) == bool(flags)
+
+
+def test_a_short_v_run_names_x0(tmp_path, mnist_root, capsys, monkeypatch):
+    """x0 drew better digits than v at 2,242 steps and v the better ones from 4,685 (docs/recipe.md): a v run that
+    ends within train.SHORT_RUN_STEPS says so at its end, and no other run does (x0, a longer v run)."""
+    def notes(*flags):
+        assert run.main(["--mode", "train", "--train-steps", "2", "--data-dir", mnist_root, "--ckpt-dir",
+                         str(tmp_path / "short"), *TINY, *flags]) == 0
+        out = capsys.readouterr().out
+        assert "done: " in out
+        return "add --objective x0" in out
+    assert notes()
+    assert not notes("--objective", "x0")
+    monkeypatch.setattr(train, "SHORT_RUN_STEPS", 1)
+    assert not notes()
 
 
 @pytest.mark.parametrize("timesteps, flags, note", [

@@ -54,7 +54,7 @@ NO_LABEL = 10  # the label embedding's last entry: digits are 0-9
 LOG_EVERY = 50  # steps per point of the loss history (and per host sync)
 # Up to about this many steps the default network draws better MNIST digits predicting x0 than v (docs/recipe.md,
 # fifteenth session: x0 0.90 FID better at 2,242 steps over nine paired draws, v 0.49 better at 4,685 and 0.36 at
-# 9,370; the difference crosses zero near 3,200 steps if it runs straight), so a v run that ends within it says so.
+# 9,370; one seed at 3,000 steps leans x0 by 1.1), so a v run that ends within it says so.
 SHORT_RUN_STEPS = 3000
 
 

@@ -53,8 +53,9 @@ SCHEDULES = ("cosine", "linear", "constant")  # the lr after warm-up (learning_r
 NO_LABEL = 10  # the label embedding's last entry: digits are 0-9
 LOG_EVERY = 50  # steps per point of the loss history (and per host sync)
 # Up to about this many steps the default network draws better MNIST digits predicting x0 than v (docs/recipe.md,
-# fifteenth session: x0 0.90 FID better at 2,242 steps over nine paired draws, v 0.49 better at 4,685 and 0.36 at
-# 9,370; one seed at 3,000 steps leans x0 by 1.1), so a v run that ends within it says so.
+# fifteenth and sixteenth sessions, nine paired draws each: x0 0.90 FID better at 2,242 steps and 1.07 at 3,000,
+# v 0.49 better at 4,685 and 0.36 at 9,370; the crossing, unmeasured, near 4,000 if it runs straight), so a v run
+# that ends within it says so.
 SHORT_RUN_STEPS = 3000
 
 
@@ -367,9 +368,10 @@ class Trainer:
             print(f"done: {self.epoch + self.batch / self.n_batches:.2f} epochs, {self.step} steps in "
                   f"{self.elapsed() / 60:.1f} minutes; sample with python run.py --mode sample")
             if self.step <= SHORT_RUN_STEPS and self.cfg["objective"] == "v" and self.cfg["dataset"] == "mnist":
-                print(f"note: short runs drew better digits predicting x0: at 2,242 steps x0 drew FID 0.9 lower "
-                      f"than v and a worst digit 4 points higher (nine draws each; v 0.5 lower at 4,685 steps, "
-                      f"docs/recipe.md); for a run of up to about {SHORT_RUN_STEPS:,} steps add --objective x0")
+                print(f"note: short runs drew better digits predicting x0: at 2,242 and 3,000 steps x0 drew FID 0.9 "
+                      f"and 1.1 lower than v and a worst digit 4 and 2 points higher (nine draws each; v 0.5 lower "
+                      f"at 4,685 steps, docs/recipe.md); for a run of up to about {SHORT_RUN_STEPS:,} steps add "
+                      f"--objective x0")
             return 0
         finally:
             signal.signal(signal.SIGINT, previous_handler)

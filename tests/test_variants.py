@@ -258,8 +258,8 @@ def test_an_l1_run_predicts_x0_unless_told(workspace, tmp_path, mnist_root, caps
 
 
 def test_a_short_v_run_names_x0(tmp_path, mnist_root, capsys, monkeypatch):
-    """x0 drew better digits than v at 2,242 steps and v the lower FID at 4,685 (docs/recipe.md): a v run that
-    ends within train.SHORT_RUN_STEPS says so at its end, and no other run does (x0, a longer v run)."""
+    """x0 drew better digits than v at 2,242 and 3,000 steps and v the lower FID at 4,685 (docs/recipe.md): a v
+    run that ends within train.SHORT_RUN_STEPS says so at its end, and no other run does (x0, a longer v run)."""
     def notes(*flags):
         assert run.main(["--mode", "train", "--train-steps", "2", "--data-dir", mnist_root, "--ckpt-dir",
                          str(tmp_path / "short"), *TINY, *flags]) == 0

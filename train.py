@@ -54,7 +54,7 @@ NO_LABEL = 10  # the label embedding's last entry: digits are 0-9
 LOG_EVERY = 50  # steps per point of the loss history (and per host sync)
 # Up to about this many steps the default network draws better MNIST digits predicting x0 than v (docs/recipe.md,
 # fifteenth and sixteenth sessions, nine paired draws each: x0 0.90 FID better at 2,242 steps and 1.07 at 3,000,
-# v 0.49 better at 4,685 and 0.36 at 9,370; the crossing, unmeasured, near 4,000 if it runs straight), so a v run
+# v 0.49 better at 4,685 and 0.36 at 9,370; the crossing, unmeasured, near 4,200 if it runs straight), so a v run
 # that ends within it says so.
 SHORT_RUN_STEPS = 3000
 

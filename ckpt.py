@@ -19,7 +19,7 @@ FORMAT = "mnist-ddpm/1"  # written into every checkpoint, checked on load
 ADDED_SETTINGS = dict(conditional=False, label_dropout=0.0, schedule="constant", arch="unet", objective="eps",
                       loss="mse", ema_length=None, weighting="uniform", attention=False, dataset="mnist",
                       adam_beta2=0.999, up_conv="high", scale_shift=False, label_silu=False,
-                      emb_dim=0)
+                      emb_dim=0, timestep_draw="independent")
 # What an MLP run on MNIST predicts: x0, the one objective it learns. After the same 74,558 steps (seed 0), x0 drew
 # FID 63, and predicting v (the U-Net's default) the 512 x 3 MLP drew noise, FID 2,700, the posterior mean 24,000
 # and eps 25,700, each without the guide (docs/variants.md); likely because the noise is 784 numbers, one a pixel,

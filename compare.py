@@ -109,6 +109,7 @@ LEVERS = {
     "min-snr weighting": {"weighting": "min-snr"},
     "lognormal t": {"weighting": "lognormal"},
     "p2 drawn": {"weighting": "p2-drawn"},
+    "stratified t": {"timestep_draw": "stratified"},
     "classic EMA 0.999": {"ema_decay": 0.999},
     "power EMA 0.05": {"ema_length": 0.05},
     "batch 128": {"batch_size": 128},

@@ -37,6 +37,13 @@ MEAN_SKIPS = ("none", "xt", "ct", "ct-c0", "eps")
 #        in proportion to w in the objective's units, the loss unweighted. The default of the posterior-mean
 #        objective, which fails unweighted (DDPM Table 2)
 WEIGHTINGS = ("uniform", "min-snr", "p2", "p2-drawn", "lognormal", "vlb")
+# How a batch's timesteps are drawn from the weighting's distribution (uniform unless it says otherwise):
+#   independent: each on its own (DDPM)
+#   stratified: one point in each 1/B of the distribution's quantiles, by one shared uniform offset, shuffled
+#               (VDM's low-discrepancy sampler, Kingma et al. 2021): each t has the same distribution as an
+#               independent draw, so the loss is the same in expectation, but every batch spreads its B draws
+#               over the whole range instead of bunching them by chance
+TIMESTEP_DRAWS = ("independent", "stratified")
 MIN_SNR_GAMMA = 5.0
 LOGNORMAL_MEAN, LOGNORMAL_STD = -1.2, 1.2
 LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
@@ -48,14 +55,16 @@ MIN_TIMESTEPS = 20  # scaled by 1000/T, the paper's last beta (0.02) exceeds 1 b
 
 class Diffusion:
     def __init__(self, timesteps=1000, beta_start=1e-4, beta_end=0.02, objective="eps", loss="mse",
-                 weighting="uniform", mean_skip="eps"):
+                 weighting="uniform", mean_skip="eps", timestep_draw="independent"):
         if timesteps < 1 or 1000 / timesteps * beta_end > 1 + 1e-9:
             raise ValueError(f"timesteps must be at least {1000 * beta_end:g}: the betas, scaled by 1000/T, "
                              f"would exceed 1")
         if (objective not in OBJECTIVES or loss not in LOSSES or weighting not in WEIGHTINGS
-                or mean_skip not in MEAN_SKIPS):
+                or mean_skip not in MEAN_SKIPS or timestep_draw not in TIMESTEP_DRAWS):
             raise ValueError(f"objective must be one of {OBJECTIVES}, loss one of {tuple(LOSSES)}, weighting "
-                             f"one of {WEIGHTINGS} and mean_skip one of {MEAN_SKIPS}")
+                             f"one of {WEIGHTINGS}, mean_skip one of {MEAN_SKIPS} and timestep_draw one of "
+                             f"{TIMESTEP_DRAWS}")
+        self.timestep_draw = timestep_draw
         self.timesteps, self.objective, self.loss_type, self.weighting = timesteps, objective, loss, weighting
         self.beta_start, self.beta_end = beta_start, beta_end
         # The posterior mean is c_t x_t + c_0 x_0 with c_t near 1 and c_0 down to 1e-4. A network that outputs
@@ -137,7 +146,7 @@ class Diffusion:
     def config(self):
         return {"timesteps": self.timesteps, "beta_start": self.beta_start, "beta_end": self.beta_end,
                 "objective": self.objective, "loss": self.loss_type, "weighting": self.weighting,
-                "mean_skip": self.mean_skip}
+                "mean_skip": self.mean_skip, "timestep_draw": self.timestep_draw}
 
     @staticmethod
     def _at(a, t, x):
@@ -174,10 +183,7 @@ class Diffusion:
         loss), at t uniform and unweighted unless the weighting says otherwise (WEIGHTINGS). On the part of
         the batch x0 that `part` slices, with t and noise drawn for the whole batch: the processes of a DDP
         run, each with its own part, draw what one process would."""
-        if self.t_probs is None:
-            t = torch.randint(0, self.timesteps, (x0.shape[0],), device=x0.device)
-        else:
-            t = torch.multinomial(self.t_probs.to(x0.device), x0.shape[0], replacement=True)
+        t = self.draw_timesteps(x0.shape[0], x0.device)
         noise = torch.randn_like(x0)
         x0, t, noise = x0[part], t[part], noise[part]
         xt = self.q_sample(x0, t, noise)
@@ -186,6 +192,20 @@ class Diffusion:
             return LOSSES[self.loss_type](out, target)
         per_image = LOSSES[self.loss_type](out, target, reduction="none").flatten(1).mean(dim=1)
         return (self.t_weight.to(x0.device)[t] * per_image).mean()
+
+    def draw_timesteps(self, n, device):
+        """n training timesteps for one batch, from the weighting's distribution (t_probs, or uniform), drawn
+        as timestep_draw says (TIMESTEP_DRAWS)."""
+        if self.timestep_draw == "independent":
+            if self.t_probs is None:
+                return torch.randint(0, self.timesteps, (n,), device=device)
+            return torch.multinomial(self.t_probs.to(device), n, replacement=True)
+        u = (torch.arange(n, device=device) + torch.rand((), device=device)) / n  # one in each n-th of [0, 1)
+        u = u[torch.randperm(n, device=device)]  # in no order: a DDP process's part of the batch covers all t
+        if self.t_probs is None:
+            return (u * self.timesteps).long().clamp(max=self.timesteps - 1)
+        cdf = self.t_probs.to(device).double().cumsum(0)  # the inverse of the distribution's CDF at u
+        return torch.searchsorted(cdf, u.double(), right=True).clamp(max=self.timesteps - 1)
 
     def timestep_pairs(self, steps, spacing="linspace"):
         """(t, t_prev) pairs from T-1 down; t_prev = -1 marks the final step, to x_0."""

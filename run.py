@@ -15,7 +15,7 @@ import sys
 import distributed
 from ckpt import fmt, latest_checkpoint
 from data import DATASETS
-from diffusion import LOSSES, MIN_TIMESTEPS, OBJECTIVES, SPACINGS, WEIGHTINGS
+from diffusion import LOSSES, MIN_TIMESTEPS, OBJECTIVES, SPACINGS, TIMESTEP_DRAWS, WEIGHTINGS
 from errors import UserError
 from evaluate import evaluate
 from hardware import pick_hardware
@@ -185,6 +185,11 @@ def build_parser():
                         "N(-1.2, 1.2), few draws near pure noise; vlb: the variational bound's weight, "
                         "1/(2 beta_t) on the posterior mean, as t drawn in proportion to it "
                         f"(default {D['weighting']}; vlb for --objective mean)")
+    g.add_argument("--timestep-draw", choices=TIMESTEP_DRAWS,
+                   help="how each batch draws its timesteps from the weighting's distribution: independent, each on "
+                        "its own (DDPM), or stratified, one in each 1/B of the distribution by a shared random "
+                        "offset (VDM's low-discrepancy sampler): the same loss in expectation, with every batch "
+                        f"spread over all noise levels (default {D['timestep_draw']})")
     g.add_argument("--timesteps", type=timestep_count, metavar="T", help=f"diffusion steps (default {D['timesteps']}; "
                    f"{MEAN_TIMESTEPS} for a new --objective mean run on MNIST under its default vlb weighting)")
     g.add_argument("--channels", type=channel_list, metavar="A,B,C",

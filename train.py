@@ -41,7 +41,8 @@ from model import MLPConfig, PointMLPConfig, UNetConfig, build_network, count_pa
 DEFAULTS = dict(dataset="mnist", arch="unet", channels=UNetConfig.channels, blocks=UNetConfig.blocks,
                 width=MLPConfig.width, depth=MLPConfig.depth, objective="v", loss="mse", timesteps=1000,
                 batch_size=64, lr=1e-3, adam_beta2=0.999, warmup=200, schedule="cosine", ema_decay=0.999,
-                ema_length=0.1, seed=0, conditional=True, label_dropout=0.1, weighting="p2", attention=False,
+                ema_length=0.1, seed=0, conditional=True, label_dropout=0.1, weighting="p2",
+                timestep_draw="independent", attention=False,
                 up_conv=UNetConfig.up_conv, scale_shift=UNetConfig.scale_shift, label_silu=UNetConfig.label_silu,
                 emb_dim=UNetConfig.emb_dim)
 # A new posterior-mean run on MNIST under the bound (vlb): T = 100, where the bound weighs the last steps less
@@ -304,7 +305,7 @@ class Trainer:
 
         torch.manual_seed(cfg["seed"])
         self.diffusion = Diffusion(cfg["timesteps"], objective=cfg["objective"], loss=cfg["loss"],
-                                   weighting=cfg["weighting"],
+                                   weighting=cfg["weighting"], timestep_draw=cfg["timestep_draw"],
                                    **({"mean_skip": ckpt["diffusion_config"]["mean_skip"]} if ckpt else {}))
         self.model_config, self.shape = network_config(cfg, NO_LABEL if cfg["conditional"] else 0)
         self.model, self.ema, self.opt = make_trainable(self.model_config, cfg, self.device)
@@ -502,7 +503,8 @@ class Trainer:
         w = self.world.size
         where = f"{w} processes (DDP, {cfg['batch_size'] // w} of each batch apiece), " if w > 1 else ""
         print(f"{cfg['arch']} {count_parameters(self.model):,} parameters, {self.shape}; predicts "
-              f"{cfg['objective']}, {cfg['loss']} loss, {cfg['weighting']} weighting; T={cfg['timesteps']}; {kind}; "
+              f"{cfg['objective']}, {cfg['loss']} loss, {cfg['weighting']} weighting, t {cfg['timestep_draw']}; "
+              f"T={cfg['timesteps']}; {kind}; "
               f"lr {cfg['lr']:g} {cfg['schedule']}, AdamW beta2 {cfg['adam_beta2']:g}, {ema}; {len(self.data):,} "
               f"{'images' if cfg['dataset'] == 'mnist' else 'points'}, {self.n_batches} batches of "
               f"{cfg['batch_size']}; budget {budget}; {where}device {self.device.type}, "

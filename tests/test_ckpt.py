@@ -94,8 +94,12 @@ def test_ema_decay_asks_for_the_classic_ema_and_cannot_switch_a_power_ema_run():
     with pytest.raises(UserError, match="was trained with --ema-length 0.1; drop --ema-decay"):
         ckpt.reconcile({"ema_decay": train.DEFAULTS["ema_decay"]}, train.DEFAULTS, saved, "run_001/ckpt.pt")
     # A run from before the power EMA resumes with its classic EMA.
-    added = ("ema_length", "weighting", "attention", "up_conv", "scale_shift", "label_silu", "emb_dim")
+    added = ("ema_length", "weighting", "attention", "up_conv", "scale_shift", "label_silu", "emb_dim",
+             "timestep_draw")
     old = {"train_config": {k: v for k, v in train.DEFAULTS.items() if k not in added}}
     resumed = ckpt.reconcile({}, train.DEFAULTS, old, "old.pt")
     assert resumed["ema_length"] is None and resumed["up_conv"] == "high"  # nor had it --up-conv
     assert resumed["scale_shift"] is False and resumed["label_silu"] is False and resumed["emb_dim"] == 0
+    assert resumed["timestep_draw"] == "independent"  # each t drawn on its own, as it was trained
+    stratified = {"train_config": dict(train.DEFAULTS, timestep_draw="stratified")}
+    assert ckpt.reconcile({}, train.DEFAULTS, stratified, "new.pt")["timestep_draw"] == "stratified"

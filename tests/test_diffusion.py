@@ -376,6 +376,47 @@ def test_lognormal_draws_few_timesteps_near_pure_noise():
     assert math.exp(d.log_sigma[median]) == pytest.approx(math.exp(-1.2), rel=0.05)
 
 
+@pytest.mark.parametrize("weighting", ["p2", "p2-drawn"])
+def test_a_stratified_batch_puts_one_timestep_in_each_1_bth_of_the_distribution_in_no_order(weighting):
+    """Stratified: the i-th of B draws lies between the distribution's i/B and (i+1)/B quantiles (uniform t, or
+    p2-drawn's), each batch in another place and shuffled; the same distribution as an independent draw."""
+    d = Diffusion(1000, objective="x0", weighting=weighting, timestep_draw="stratified")
+    probs = d.t_probs.double() if d.t_probs is not None else torch.full((1000,), 1e-3, dtype=torch.float64)
+    cdf = probs.cumsum(0)
+    B, counts, firsts = 16, torch.zeros(1000, dtype=torch.float64), set()
+    torch.manual_seed(0)
+    for _ in range(4000):
+        t = d.draw_timesteps(B, torch.device("cpu"))
+        assert t.dtype == torch.long and not torch.equal(t, t.sort().values)  # shuffled
+        ts = t.sort().values
+        below, upto = cdf[ts] - probs[ts], cdf[ts]  # the CDF just below and at each t
+        i = torch.arange(B, dtype=torch.float64)
+        assert (below <= (i + 1) / B + 1e-9).all() and (upto >= i / B - 1e-9).all()  # t in its own 1/B
+        counts += torch.bincount(t, minlength=1000).double()
+        firsts.add(int(ts[0]))
+    assert len(firsts) > 10  # the offset moves from batch to batch
+    share = counts / counts.sum()
+    for lo, hi in ((0, 100), (100, 300), (300, 600), (600, 1000)):  # the weighting's distribution of t
+        assert share[lo:hi].sum().item() == pytest.approx(probs[lo:hi].sum().item(), abs=0.005)
+
+
+def test_stratified_timesteps_train_the_same_loss_in_expectation_with_less_spread():
+    """A network off by f(t): the stratified batch's loss has the independent one's mean and a smaller spread
+    between batches."""
+    x0 = torch.rand(64, 1, 1, 1) * 2 - 1
+    off = lambda t: 0.1 + (t.double() / 999)
+    losses = {}
+    for draw in ("independent", "stratified"):
+        d = Diffusion(1000, objective="x0", weighting="uniform", timestep_draw=draw)
+        torch.manual_seed(0)
+        losses[draw] = torch.tensor([d.loss(lambda xt, t: x0 + off(t).view(-1, 1, 1, 1).float(), x0).item()
+                                     for _ in range(2000)])
+    exact = (off(torch.arange(1000)) ** 2).mean().item()
+    assert losses["independent"].mean().item() == pytest.approx(exact, rel=0.01)
+    assert losses["stratified"].mean().item() == pytest.approx(exact, rel=0.002)
+    assert losses["stratified"].std() < 0.25 * losses["independent"].std()  # 0.12 here
+
+
 def test_the_weighted_loss_is_the_weighted_mean_of_each_images_loss():
     d = Diffusion(100, weighting="min-snr")
     x0 = torch.rand(6, 1, 28, 28) * 2 - 1

@@ -180,9 +180,9 @@ class Diffusion:
 
     def loss(self, model, x0, part=slice(None)):
         """The simplified DDPM objective, eq. (14) for eps: || target - output ||^2 (or |.| for the l1
-        loss), at t uniform and unweighted unless the weighting says otherwise (WEIGHTINGS). On the part of
-        the batch x0 that `part` slices, with t and noise drawn for the whole batch: the processes of a DDP
-        run, each with its own part, draw what one process would."""
+        loss), at t uniform and unweighted unless the weighting says otherwise (WEIGHTINGS), the batch's t drawn
+        as timestep_draw says. On the part of the batch x0 that `part` slices, with t and noise drawn for the
+        whole batch: the processes of a DDP run, each with its own part, draw what one process would."""
         t = self.draw_timesteps(x0.shape[0], x0.device)
         noise = torch.randn_like(x0)
         x0, t, noise = x0[part], t[part], noise[part]

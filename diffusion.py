@@ -112,6 +112,8 @@ class Diffusion:
         self._mean_parts = list(zip(coef_x0.tolist(), skip.tolist(), (skip - coef_xt).tolist(), out_scale.tolist()))
         self.mean_scale, self.mean_skip_less_ct = out_scale.float(), (skip - coef_xt).float()
         self.t_weight, self.t_probs = self._weighting(alpha_bar, log_sigma, coef_x0, out_scale, betas)
+        # t_probs' CDF, for the stratified draw's inverse: made once, in float32 (MPS has no float64)
+        self.t_cdf = None if self.t_probs is None else self.t_probs.double().cumsum(0).float()
 
     def _weighting(self, alpha_bar, log_sigma, coef_x0, out_scale, betas):
         """The per-t loss weight in the objective's units and the distribution t is drawn from (None:
@@ -204,8 +206,8 @@ class Diffusion:
         u = u[torch.randperm(n, device=device)]  # in no order: a DDP process's part of the batch covers all t
         if self.t_probs is None:
             return (u * self.timesteps).long().clamp(max=self.timesteps - 1)
-        cdf = self.t_probs.to(device).double().cumsum(0)  # the inverse of the distribution's CDF at u
-        return torch.searchsorted(cdf, u.double(), right=True).clamp(max=self.timesteps - 1)
+        # the inverse of the distribution's CDF at u: the first t whose CDF passes it
+        return torch.searchsorted(self.t_cdf.to(device), u, right=True).clamp(max=self.timesteps - 1)
 
     def timestep_pairs(self, steps, spacing="linspace"):
         """(t, t_prev) pairs from T-1 down; t_prev = -1 marks the final step, to x_0."""

@@ -45,17 +45,20 @@ def test_the_trainer_runs_without_a_command_line(mnist_root, tmp_path, monkeypat
         raise AssertionError("an argument parser was built")
     monkeypatch.setattr(argparse.ArgumentParser, "__init__", no_parser)
     settings = training.TrainSettings(data_dir=mnist_root, ckpt_dir=str(tmp_path), epochs=2)
-    given = dict(channels=(8, 16, 32), blocks=(1, 1, 1), timesteps=20, batch_size=16, objective="x0")
+    given = dict(channels=(8, 16, 32), blocks=(1, 1, 1), timesteps=20, batch_size=16, objective="x0",
+                 timestep_draw="stratified")
     assert training.train(settings, given) == 0
     ckpt = load_checkpoint(latest_checkpoint(str(tmp_path)))
     assert (ckpt["epoch"], ckpt["step"]) == (2, 8)  # 64 images in batches of 16
     assert ckpt["train_config"] == {**training.DEFAULTS, **given}
     assert ckpt["diffusion_config"]["objective"] == "x0" and ckpt["model_config"]["channels"] == (8, 16, 32)
+    assert ckpt["diffusion_config"]["timestep_draw"] == "stratified"  # what the loss drew with
     assert ckpt["history"][-1][1] < ckpt["history"][0][1]  # the loss fell
     # Resumed the same way: the settings not given come from the checkpoint.
     assert training.train(dataclasses.replace(settings, resume=latest_checkpoint(str(tmp_path)), epochs=3)) == 0
     ckpt = load_checkpoint(latest_checkpoint(str(tmp_path)))
     assert ckpt["step"] == 12 and ckpt["train_config"]["objective"] == "x0"
+    assert ckpt["diffusion_config"]["timestep_draw"] == "stratified"
 
 
 def test_one_epoch_writes_a_complete_checkpoint_and_log(trained):

@@ -83,6 +83,19 @@ def assert_same_run(a, b):
     assert [s for s, _ in a["history"]] == [s for s, _ in b["history"]]
 
 
+def test_two_processes_draw_stratified_timesteps_as_one_process_does(tmp_path, mnist_root):
+    # The stratified draw spreads one batch's t over the weighting's distribution: each process must take its part
+    # of the whole batch's draw, not stratify its own half (which would train something else).
+    one, two = (str(tmp_path / name) for name in ("one", "two"))
+    more = ("--train-steps", "3", "--timestep-draw", "stratified")
+    assert run.main(train_argv(mnist_root, one, *more)) == 0
+    proc = torchrun(tmp_path, train_argv(mnist_root, two, *more))
+    assert proc.returncode == 0, proc.output
+    single, ddp = (load_checkpoint(latest_checkpoint(d)) for d in (one, two))
+    assert ddp["diffusion_config"]["timestep_draw"] == "stratified"
+    assert_same_run(single, ddp)
+
+
 @pytest.mark.parametrize("world, skips_teardown", [("1", False), ("2", True)])
 def test_a_torchrun_process_ends_without_the_interpreters_teardown(monkeypatch, world, skips_teardown):
     ended = []

@@ -1,11 +1,13 @@
-"""Benchmark the default model on this device: FLOPs, training and sampling speed, and how close
-they come to the device's own matmul rate, in fp32 and bf16.
+"""Benchmark the U-Net on this device: FLOPs, training and sampling speed, and how close they come to
+the device's own matmul rate, in fp32 and bf16. The default network, or the shape run.py would train with
+the same --channels, --blocks and --attention.
 
     python bench.py                      # prints a table, writes gen/bench.json
     python bench.py --device cpu --repeats 7 --out /tmp/bench.json
     python bench.py --precision fp32,bf16    # time bf16 too where auto leaves it out (CUDA; emulated on a CPU)
     python bench.py --processes 1,2      # also training images/s of 1 and 2 processes under torchrun (DDP)
     python bench.py --compile            # the same figures with the network under torch.compile
+    python bench.py --channels 32,64,256 # another shape: run it beside a plain call to compare its cost
 
 Every figure is the median of --repeats timed runs after an untimed warm-up, all in one process; with
 --processes, the training rate is also timed in N processes, each started by torchrun on its share of the
@@ -24,12 +26,13 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ckpt import write_atomic
+from ckpt import fmt, write_atomic
 import distributed
 from diffusion import Diffusion
 from errors import UserError
 from hardware import maybe_compile, pick_device, pick_hardware, pick_precision, sync
 from model import UNetConfig, count_parameters
+from run import channel_list, int_list
 from sample import denoiser
 from train import DEFAULTS, make_trainable, train_step
 
@@ -61,12 +64,22 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
-def train_rate(world, device, amp, batch_size, steps, repeats):
-    """Training images/s of the default U-Net at the global batch batch_size: one process, or (under torchrun)
-    all of them together, each on its share with DDP averaging the gradients."""
+def network_config(args):
+    """The U-Net config of the shape asked for (the default without --channels, --blocks, --attention)."""
+    return dict(vars(UNetConfig()), channels=args.channels, blocks=args.blocks, attention=args.attention)
+
+
+def shape_flags(args):
+    """The flags that give the network timed, for run.py and for bench.py's own torchrun workers."""
+    return ["--channels", fmt(args.channels), "--blocks", fmt(args.blocks)] + ["--attention"] * args.attention
+
+
+def train_rate(world, device, amp, batch_size, steps, repeats, model_config):
+    """Training images/s of the U-Net of model_config at the global batch batch_size: one process, or (under
+    torchrun) all of them together, each on its share with DDP averaging the gradients."""
     torch.manual_seed(0)
     diffusion = Diffusion(DEFAULTS["timesteps"])
-    model, ema, opt = make_trainable(vars(UNetConfig()), dict(DEFAULTS), device)
+    model, ema, opt = make_trainable(model_config, dict(DEFAULTS), device)
     net, part = world.wrap(model), world.share(batch_size)
     x0 = torch.rand(batch_size, 1, 28, 28, device=device) * 2 - 1
 
@@ -83,13 +96,14 @@ def process_rates(counts, args, precision):
     for n in counts:
         if n == 1:
             rates[n] = train_rate(distributed.World(), pick_device(args.device), PRECISIONS[precision],
-                                  args.batch_size, args.steps, args.repeats)
+                                  args.batch_size, args.steps, args.repeats, network_config(args))
             continue
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "rate.json")
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                    os.path.abspath(__file__), "--device", args.device, "--precision", precision, "--batch-size",
-                   str(args.batch_size), "--steps", str(args.steps), "--repeats", str(args.repeats), "--out", out]
+                   str(args.batch_size), "--steps", str(args.steps), "--repeats", str(args.repeats), "--out", out,
+                   *shape_flags(args)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode or not os.path.exists(out):
                 raise UserError(f"torchrun with {n} processes failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -102,7 +116,7 @@ def worker(args):
     device, amp = pick_device(args.device), PRECISIONS[args.precision]
     world, device = distributed.start(device)
     try:
-        rate = train_rate(world, device, amp, args.batch_size, args.steps, args.repeats)
+        rate = train_rate(world, device, amp, args.batch_size, args.steps, args.repeats, network_config(args))
         if world.main:
             write_atomic(args.out, lambda f: f.write(json.dumps({"train_images_per_s": rate}).encode()))
     finally:
@@ -135,7 +149,7 @@ def pick_precisions(names, device):
     return chosen
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
@@ -149,8 +163,18 @@ def main(argv=None):
                    help="also time training in N, M... processes under torchrun (CPU or N GPUs), e.g. 1,2")
     p.add_argument("--compile", action="store_true",
                    help="time the network under torch.compile, as run.py --compile runs it (compiling is untimed)")
+    p.add_argument("--channels", type=channel_list, default=UNetConfig.channels, metavar="A,B,C",
+                   help="U-Net widths at 28, 14 and 7 pixels, as run.py takes them "
+                        f"(default {fmt(UNetConfig.channels)})")
+    p.add_argument("--blocks", type=int_list, default=UNetConfig.blocks, metavar="A,B,C",
+                   help=f"residual blocks per level, as run.py takes them (default {fmt(UNetConfig.blocks)})")
+    p.add_argument("--attention", action="store_true", help="add run.py's self-attention block at 7x7")
     p.add_argument("--out", default="gen/bench.json", help="the table as JSON (default gen/bench.json)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if distributed.launched():
         return worker(args)
     try:
@@ -167,7 +191,7 @@ def main(argv=None):
 
     torch.manual_seed(0)
     cfg = dict(DEFAULTS)
-    model_config = vars(UNetConfig())
+    model_config = network_config(args)
     diffusion = Diffusion(cfg["timesteps"])
     model, ema, opt = make_trainable(model_config, cfg, device)
     x0 = torch.rand(args.batch_size, 1, 28, 28, device=device) * 2 - 1
@@ -210,7 +234,8 @@ def main(argv=None):
 
     print(f"{device.type} ({result['cpu']}, {result['threads']} threads), torch {result['torch']}"
           + (", torch.compile" if args.compile else ""))
-    print(f"default UNet: {result['parameters']:,} parameters, {result['gflop_per_image_forward']:.3f} GFLOP "
+    shape = "the default" if model_config == vars(UNetConfig()) else " ".join(shape_flags(args))
+    print(f"UNet ({shape}): {result['parameters']:,} parameters, {result['gflop_per_image_forward']:.3f} GFLOP "
           f"per image forward, {result['gflop_per_image_train']:.3f} per training image")
     rows = [("matmul GFLOP/s (2048x2048)", "matmul_gflops", "{:.0f}"),
             (f"training images/s (batch {args.batch_size})", "train_images_per_s", "{:.0f}"),

@@ -7,6 +7,7 @@ import torch
 import bench
 import hardware
 from errors import UserError
+from model import UNetConfig, build_network, count_parameters
 
 
 def test_bench_reports_every_figure(tmp_path):
@@ -77,3 +78,23 @@ def test_bench_times_the_compiled_network_when_asked(tmp_path, monkeypatch, caps
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     assert bench.main(["--device", "mps", "--compile", "--out", out]) == 2
     assert "--compile is not supported on MPS" in capsys.readouterr().err
+
+
+def test_bench_times_the_shape_asked_for(tmp_path, capsys):
+    """--channels, --blocks and --attention time the network run.py would train with them, in this process and
+    in the torchrun workers --processes starts; a shape run.py would refuse is refused with exit 2."""
+    out = str(tmp_path / "bench.json")
+    shape = ["--channels", "8,16,32", "--blocks", "1,1,1", "--attention"]
+    assert bench.main(["--device", "cpu", "--precision", "fp32", "--batch-size", "4", "--sample-batch", "4",
+                       "--steps", "1", "--repeats", "1", "--out", out, *shape]) == 0
+    result = json.load(open(out))
+    config = result["model_config"]
+    assert (config["channels"], config["blocks"], config["attention"]) == ([8, 16, 32], [1, 1, 1], True)
+    assert result["parameters"] == count_parameters(build_network(config)) < 200_000
+    assert "UNet (--channels 8,16,32 --blocks 1,1,1 --attention)" in capsys.readouterr().out
+    args = bench.build_parser().parse_args(shape)
+    assert bench.network_config(bench.build_parser().parse_args(bench.shape_flags(args))) == bench.network_config(args)
+    assert bench.network_config(bench.build_parser().parse_args([])) == vars(UNetConfig())
+    with pytest.raises(SystemExit) as refused:
+        bench.main(["--channels", "10,16,32", "--out", out])
+    assert refused.value.code == 2 and "multiples of 8" in capsys.readouterr().err

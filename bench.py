@@ -7,7 +7,7 @@ the same --channels, --blocks and --attention.
     python bench.py --precision fp32,bf16    # time bf16 too where auto leaves it out (CUDA; emulated on a CPU)
     python bench.py --processes 1,2      # also training images/s of 1 and 2 processes under torchrun (DDP)
     python bench.py --compile            # the same figures with the network under torch.compile
-    python bench.py --channels 32,64,256 # another shape: run it beside a plain call to compare its cost
+    python bench.py --channels 32,64,256 # another shape; compare it with a plain call made just before
 
 Every figure is the median of --repeats timed runs after an untimed warm-up, all in one process; with
 --processes, the training rate is also timed in N processes, each started by torchrun on its share of the

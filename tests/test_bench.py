@@ -1,5 +1,7 @@
 """The benchmark runs end to end and reports every figure (tiny batches: a smoke test, not a timing)."""
 import json
+import os
+import subprocess
 
 import pytest
 import torch
@@ -80,7 +82,7 @@ def test_bench_times_the_compiled_network_when_asked(tmp_path, monkeypatch, caps
     assert "--compile is not supported on MPS" in capsys.readouterr().err
 
 
-def test_bench_times_the_shape_asked_for(tmp_path, capsys):
+def test_bench_times_the_shape_asked_for(tmp_path, capsys, monkeypatch):
     """--channels, --blocks and --attention time the network run.py would train with them, in this process and
     in the torchrun workers --processes starts; a shape run.py would refuse is refused with exit 2."""
     out = str(tmp_path / "bench.json")
@@ -92,9 +94,23 @@ def test_bench_times_the_shape_asked_for(tmp_path, capsys):
     assert (config["channels"], config["blocks"], config["attention"]) == ([8, 16, 32], [1, 1, 1], True)
     assert result["parameters"] == count_parameters(build_network(config)) < 200_000
     assert "UNet (--channels 8,16,32 --blocks 1,1,1 --attention)" in capsys.readouterr().out
-    args = bench.build_parser().parse_args(shape)
-    assert bench.network_config(bench.build_parser().parse_args(bench.shape_flags(args))) == bench.network_config(args)
     assert bench.network_config(bench.build_parser().parse_args([])) == vars(UNetConfig())
+
+    # The torchrun workers are started with flags that give them the same network (a stand-in for torchrun
+    # records the command and writes the rate a worker would).
+    started = []
+
+    def torchrun(cmd, **kwargs):
+        started.append(cmd)
+        with open(cmd[cmd.index("--out") + 1], "w") as f:
+            json.dump({"train_images_per_s": 1.0}, f)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(bench.subprocess, "run", torchrun)
+    args = bench.build_parser().parse_args(["--processes", "2", *shape])
+    assert bench.process_rates([2], args, "fp32") == {2: 1.0}
+    worker_args = bench.build_parser().parse_args(started[0][started[0].index(os.path.abspath(bench.__file__)) + 1:])
+    assert bench.network_config(worker_args) == bench.network_config(args) != vars(UNetConfig())
     with pytest.raises(SystemExit) as refused:
         bench.main(["--channels", "10,16,32", "--out", out])
     assert refused.value.code == 2 and "multiples of 8" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Benchmark the U-Net on this device: FLOPs, training and sampling speed, and how close they come to
 the device's own matmul rate, in fp32 and bf16. The default network, or the shape run.py would train with
-the same --channels, --blocks and --attention.
+the same --channels, --blocks and --attention; labelled, as run.py trains it (each step's labels dropped to
+"no label" at the training default's rate), and sampled asking for a digit (one network call an image-step).
 
     python bench.py                      # prints a table, writes gen/bench.json
     python bench.py --device cpu --repeats 7 --out /tmp/bench.json
@@ -14,6 +15,7 @@ Every figure is the median of --repeats timed runs after an untimed warm-up, all
 same global batch, as `torchrun --nproc_per_node=N run.py --mode train` trains.
 """
 import argparse
+import functools
 import json
 import os
 import platform
@@ -34,7 +36,8 @@ from hardware import maybe_compile, pick_device, pick_hardware, pick_precision, 
 from model import UNetConfig, count_parameters
 from run import channel_list, int_list
 from sample import denoiser
-from train import DEFAULTS, make_trainable, train_step
+import train
+from train import DEFAULTS, NO_LABEL, drop_labels, make_trainable, train_step
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -65,8 +68,18 @@ def count_flops(fn):
 
 
 def network_config(args):
-    """The U-Net config of the shape asked for (the default without --channels, --blocks, --attention)."""
-    return dict(vars(UNetConfig()), channels=args.channels, blocks=args.blocks, attention=args.attention)
+    """The model_config run.py's training builds with these --channels, --blocks and --attention (the default
+    without them), labelled as run.py trains by default."""
+    cfg = dict(DEFAULTS, channels=args.channels, blocks=args.blocks, attention=args.attention)
+    return train.network_config(cfg, NO_LABEL)[0]
+
+
+def labelled_steps(diffusion, net, ema, opt, x0, labels, device, amp, steps, part=slice(None)):
+    """steps training steps on the batch x0 with labels, each dropping labels to "no label" afresh, as
+    run.py's training loop does."""
+    for _ in range(steps):
+        y = drop_labels(labels, DEFAULTS["label_dropout"], NO_LABEL)
+        train_step(diffusion, net, ema, opt, x0, y, device, amp, part)
 
 
 def shape_flags(args):
@@ -82,11 +95,8 @@ def train_rate(world, device, amp, batch_size, steps, repeats, model_config):
     model, ema, opt = make_trainable(model_config, dict(DEFAULTS), device)
     net, part = world.wrap(model), world.share(batch_size)
     x0 = torch.rand(batch_size, 1, 28, 28, device=device) * 2 - 1
-
-    def train_steps():
-        for _ in range(steps):
-            train_step(diffusion, net, ema, opt, x0, None, device, amp, part)
-
+    labels = torch.randint(0, NO_LABEL, (batch_size,), device=device)
+    train_steps = functools.partial(labelled_steps, diffusion, net, ema, opt, x0, labels, device, amp, steps, part)
     return steps * batch_size / timed(train_steps, device, repeats)
 
 
@@ -195,16 +205,19 @@ def main(argv=None):
     diffusion = Diffusion(cfg["timesteps"])
     model, ema, opt = make_trainable(model_config, cfg, device)
     x0 = torch.rand(args.batch_size, 1, 28, 28, device=device) * 2 - 1
+    labels = torch.randint(0, NO_LABEL, (args.batch_size,), device=device)
     xs = torch.randn(args.sample_batch, 1, 28, 28, device=device)
     ts = torch.full((args.sample_batch,), 500, device=device)
-    one = (x0[:1], torch.zeros(1, dtype=torch.long, device=device))
+    ys = torch.randint(0, NO_LABEL, (args.sample_batch,), device=device)
+    one = (x0[:1], torch.zeros(1, dtype=torch.long, device=device), labels[:1])
     result = {"device": device.type, "cpu": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "torch": torch.__version__,
               "parameters": count_parameters(model), "model_config": model_config,
               "gflop_per_image_forward": count_flops(lambda: model(*one)) / 1e9,
               "batch_size": args.batch_size, "sample_batch": args.sample_batch, "compile": args.compile}
     # Training FLOPs counted on a real step (forward, backward): about 3x the forward.
-    train_flops = count_flops(lambda: diffusion.loss(model, x0).backward()) / args.batch_size
+    train_flops = count_flops(lambda: diffusion.loss(lambda x, t: model(x, t, labels), x0).backward())
+    train_flops /= args.batch_size
     result["gflop_per_image_train"] = train_flops / 1e9
 
     for name in precisions:
@@ -213,16 +226,13 @@ def main(argv=None):
 
         net = fresh(model, args.compile)
 
-        def train_steps():
-            for _ in range(args.steps):
-                train_step(diffusion, net, ema, opt, x0, None, device, amp)
-
+        train_steps = functools.partial(labelled_steps, diffusion, net, ema, opt, x0, labels, device, amp, args.steps)
         train_ips = args.steps * args.batch_size / timed(train_steps, device, args.repeats)
         denoise = denoiser(fresh(model, args.compile), device, amp)
 
         def sample_step():
             with torch.inference_mode():
-                diffusion.step(denoise(xs, ts).float(), xs, 500, 480, 0.0, None)
+                diffusion.step(denoise(xs, ts, ys).float(), xs, 500, 480, 0.0, None)
 
         sample_isps = args.sample_batch / timed(sample_step, device, args.repeats)
         result[name] = {"matmul_gflops": peak, "train_images_per_s": train_ips,
@@ -234,7 +244,8 @@ def main(argv=None):
 
     print(f"{device.type} ({result['cpu']}, {result['threads']} threads), torch {result['torch']}"
           + (", torch.compile" if args.compile else ""))
-    shape = "the default" if model_config == vars(UNetConfig()) else " ".join(shape_flags(args))
+    default = model_config == network_config(build_parser().parse_args([]))
+    shape = "the default" if default else " ".join(shape_flags(args))
     print(f"UNet ({shape}): {result['parameters']:,} parameters, {result['gflop_per_image_forward']:.3f} GFLOP "
           f"per image forward, {result['gflop_per_image_train']:.3f} per training image")
     rows = [("matmul GFLOP/s (2048x2048)", "matmul_gflops", "{:.0f}"),

@@ -9,7 +9,9 @@ import torch
 import bench
 import hardware
 from errors import UserError
-from model import UNetConfig, build_network, count_parameters
+from ckpt import load_checkpoint
+from model import build_network, count_parameters
+from train import NO_LABEL
 
 
 def test_bench_reports_every_figure(tmp_path):
@@ -94,7 +96,6 @@ def test_bench_times_the_shape_asked_for(tmp_path, capsys, monkeypatch):
     assert (config["channels"], config["blocks"], config["attention"]) == ([8, 16, 32], [1, 1, 1], True)
     assert result["parameters"] == count_parameters(build_network(config)) < 200_000
     assert "UNet (--channels 8,16,32 --blocks 1,1,1 --attention)" in capsys.readouterr().out
-    assert bench.network_config(bench.build_parser().parse_args([])) == vars(UNetConfig())
 
     # The torchrun workers are started with flags that give them the same network (a stand-in for torchrun
     # records the command and writes the rate a worker would).
@@ -110,7 +111,45 @@ def test_bench_times_the_shape_asked_for(tmp_path, capsys, monkeypatch):
     args = bench.build_parser().parse_args(["--processes", "2", *shape])
     assert bench.process_rates([2], args, "fp32") == {2: 1.0}
     worker_args = bench.build_parser().parse_args(started[0][started[0].index(os.path.abspath(bench.__file__)) + 1:])
-    assert bench.network_config(worker_args) == bench.network_config(args) != vars(UNetConfig())
+    default = bench.network_config(bench.build_parser().parse_args([]))
+    assert bench.network_config(worker_args) == bench.network_config(args) != default
     with pytest.raises(SystemExit) as refused:
         bench.main(["--channels", "10,16,32", "--out", out])
     assert refused.value.code == 2 and "multiples of 8" in capsys.readouterr().err
+
+
+def test_bench_times_the_network_run_py_trains_with_labels(tmp_path, trained, monkeypatch):
+    """The network timed is the one run.py's training built for the same shape (the conftest run's checkpoint),
+    trained on labels of which some are dropped to "no label" as run.py drops them, and sampled asking for
+    digits."""
+    trained_config = load_checkpoint(trained["checkpoint"])["model_config"]
+    shape = ["--channels", "8,16,32", "--blocks", "1,1,1"]
+    assert bench.network_config(bench.build_parser().parse_args(shape)) == trained_config
+
+    seen = {"train": [], "sample": []}
+    real_step, real_denoiser = bench.train_step, bench.denoiser
+
+    def recording_step(diffusion, model, ema, opt, x0, y, *rest):
+        seen["train"].append(y)
+        return real_step(diffusion, model, ema, opt, x0, y, *rest)
+
+    def recording_denoiser(*args, **kwargs):
+        denoise = real_denoiser(*args, **kwargs)
+
+        def recorded(x, t, y=None, w=1.0):
+            seen["sample"].append(y)
+            return denoise(x, t, y, w)
+        return recorded
+
+    monkeypatch.setattr(bench, "train_step", recording_step)
+    monkeypatch.setattr(bench, "denoiser", recording_denoiser)
+    monkeypatch.setattr(bench, "drop_labels", lambda y, p, no_label: torch.where(torch.arange(len(y)) % 2 == 0,
+                                                                                    no_label, y))
+    out = str(tmp_path / "bench.json")
+    assert bench.main(["--device", "cpu", "--precision", "fp32", "--batch-size", "4", "--sample-batch", "4",
+                       "--steps", "2", "--repeats", "1", "--out", out, *shape]) == 0
+    assert json.load(open(out))["model_config"] == json.loads(json.dumps(trained_config))  # tuples as lists
+    assert seen["train"] and seen["sample"]
+    for y in seen["train"]:  # every step's labels went through the dropping, half of them "no label" here
+        assert y is not None and (y[0::2] == NO_LABEL).all() and (y[1::2] < NO_LABEL).all()
+    assert all(y is not None and len(y) == 4 and (y < NO_LABEL).all() for y in seen["sample"])

@@ -1,7 +1,9 @@
 """Benchmark the U-Net on this device: FLOPs, training and sampling speed, and how close they come to
 the device's own matmul rate, in fp32 and bf16. The default network, or the shape run.py would train with
-the same --channels, --blocks and --attention; labelled, as run.py trains it (each step's labels dropped to
-"no label" at the training default's rate), and sampled asking for a digit (one network call an image-step).
+the same --channels, --blocks and --attention, trained as run.py trains it (its objective, weighting and
+labels, each step's labels dropped to "no label" at the training default's rate). Sampling is timed as one
+network call an image-step asking for a digit; run.py's default guided sampling makes up to three (the label's
+push doubles the batch inside the guidance interval, and the run's own guide adds its call).
 
     python bench.py                      # prints a table, writes gen/bench.json
     python bench.py --device cpu --repeats 7 --out /tmp/bench.json
@@ -30,14 +32,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ckpt import fmt, write_atomic
 import distributed
-from diffusion import Diffusion
 from errors import UserError
 from hardware import maybe_compile, pick_device, pick_hardware, pick_precision, sync
 from model import UNetConfig, count_parameters
 from run import channel_list, int_list
 from sample import denoiser
-import train
-from train import DEFAULTS, NO_LABEL, drop_labels, make_trainable, train_step
+from train import DEFAULTS, NO_LABEL, diffusion_for, drop_labels, make_trainable, train_step
+from train import network_config as training_config
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -71,14 +72,15 @@ def network_config(args):
     """The model_config run.py's training builds with these --channels, --blocks and --attention (the default
     without them), labelled as run.py trains by default."""
     cfg = dict(DEFAULTS, channels=args.channels, blocks=args.blocks, attention=args.attention)
-    return train.network_config(cfg, NO_LABEL)[0]
+    return training_config(cfg, NO_LABEL)[0]
 
 
-def labelled_steps(diffusion, net, ema, opt, x0, labels, device, amp, steps, part=slice(None)):
+def labelled_steps(diffusion, net, ema, opt, x0, labels, device, amp, steps, part=slice(None),
+                   label_dropout=DEFAULTS["label_dropout"]):
     """steps training steps on the batch x0 with labels, each dropping labels to "no label" afresh, as
     run.py's training loop does."""
     for _ in range(steps):
-        y = drop_labels(labels, DEFAULTS["label_dropout"], NO_LABEL)
+        y = drop_labels(labels, label_dropout, NO_LABEL)
         train_step(diffusion, net, ema, opt, x0, y, device, amp, part)
 
 
@@ -91,7 +93,7 @@ def train_rate(world, device, amp, batch_size, steps, repeats, model_config):
     """Training images/s of the U-Net of model_config at the global batch batch_size: one process, or (under
     torchrun) all of them together, each on its share with DDP averaging the gradients."""
     torch.manual_seed(0)
-    diffusion = Diffusion(DEFAULTS["timesteps"])
+    diffusion = diffusion_for(DEFAULTS)
     model, ema, opt = make_trainable(model_config, dict(DEFAULTS), device)
     net, part = world.wrap(model), world.share(batch_size)
     x0 = torch.rand(batch_size, 1, 28, 28, device=device) * 2 - 1
@@ -202,7 +204,7 @@ def main(argv=None):
     torch.manual_seed(0)
     cfg = dict(DEFAULTS)
     model_config = network_config(args)
-    diffusion = Diffusion(cfg["timesteps"])
+    diffusion = diffusion_for(cfg)
     model, ema, opt = make_trainable(model_config, cfg, device)
     x0 = torch.rand(args.batch_size, 1, 28, 28, device=device) * 2 - 1
     labels = torch.randint(0, NO_LABEL, (args.batch_size,), device=device)

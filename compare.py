@@ -22,6 +22,7 @@ measures its network the same way; the samplers screen names each row's guide.
 """
 import argparse
 import dataclasses
+import functools
 import glob
 import json
 import math
@@ -32,14 +33,13 @@ import time
 import torch
 
 import figures
-from bench import timed
+from bench import labelled_steps, timed
 from ckpt import latest_checkpoint, load_checkpoint, reconcile, save_checkpoint, save_figure, write_atomic
-from diffusion import Diffusion
 from errors import UserError
 from evaluate import Judge, as_asked, evaluate
 from hardware import pick_hardware
 from sample import EVERYWHERE, NO_GUIDE, SAMPLERS, SampleSettings, load_sampler
-from train import DEFAULTS, NO_LABEL, TrainSettings, make_trainable, network_config, train, train_step
+from train import DEFAULTS, NO_LABEL, TrainSettings, diffusion_for, make_trainable, network_config, train
 
 GUIDANCE_1 = {"guidance-1": {"guidance": 1.0}}  # the extra eval of a labelled run: plain conditional
 
@@ -185,15 +185,11 @@ def lever_speeds(names, device, amp, steps=8, repeats=3):
             continue
         cfg = {**DEFAULTS, **lever(name)}
         model_config, _ = network_config(cfg, NO_LABEL)
-        diffusion = Diffusion(cfg["timesteps"], objective=cfg["objective"], weighting=cfg["weighting"])
         model, ema, opt = make_trainable(model_config, cfg, device)
         x0 = torch.rand(cfg["batch_size"], 1, 28, 28, device=device) * 2 - 1
         y = torch.randint(0, NO_LABEL, (cfg["batch_size"],), device=device)
-
-        def train_steps():
-            for _ in range(steps):
-                train_step(diffusion, model, ema, opt, x0, y, device, amp)
-
+        train_steps = functools.partial(labelled_steps, diffusion_for(cfg), model, ema, opt, x0, y, device, amp, steps,
+                                        label_dropout=cfg["label_dropout"])
         seconds = timed(train_steps, device, repeats, warmup=1)
         result[name] = measured[cost_key(name)] = steps * cfg["batch_size"] / seconds
         print(f"{name}: {result[name]:.1f} training images/s", flush=True)

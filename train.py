@@ -186,6 +186,12 @@ def network_config(cfg, num_classes):
         raise UserError(f"unknown --arch {cfg['arch']!r}; choose unet or mlp")
 
 
+def diffusion_for(cfg, **extra):
+    """The noise process a run with settings cfg trains on (extra: a resumed checkpoint's mean_skip)."""
+    return Diffusion(cfg["timesteps"], objective=cfg["objective"], loss=cfg["loss"], weighting=cfg["weighting"],
+                     timestep_draw=cfg["timestep_draw"], **extra)
+
+
 def power_ema_exponent(length):
     """EDM2's gamma for a relative standard deviation `length` of the averaging profile (Karras et al. 2024,
     eq. 3): length^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)), the largest real root of
@@ -304,9 +310,7 @@ class Trainer:
                           if settings.eval_every and self.world.main else None)
 
         torch.manual_seed(cfg["seed"])
-        self.diffusion = Diffusion(cfg["timesteps"], objective=cfg["objective"], loss=cfg["loss"],
-                                   weighting=cfg["weighting"], timestep_draw=cfg["timestep_draw"],
-                                   **({"mean_skip": ckpt["diffusion_config"]["mean_skip"]} if ckpt else {}))
+        self.diffusion = diffusion_for(cfg, **({"mean_skip": ckpt["diffusion_config"]["mean_skip"]} if ckpt else {}))
         self.model_config, self.shape = network_config(cfg, NO_LABEL if cfg["conditional"] else 0)
         self.model, self.ema, self.opt = make_trainable(self.model_config, cfg, self.device)
         self.net = maybe_compile(self.world.wrap(self.model), settings.compile)  # what the training step calls

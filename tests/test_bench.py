@@ -7,11 +7,13 @@ import pytest
 import torch
 
 import bench
+import distributed
 import hardware
-from errors import UserError
 from ckpt import load_checkpoint
+from diffusion import Diffusion
+from errors import UserError
 from model import build_network, count_parameters
-from train import NO_LABEL
+from train import DEFAULTS, NO_LABEL, diffusion_for
 
 
 def test_bench_reports_every_figure(tmp_path):
@@ -131,6 +133,7 @@ def test_bench_times_the_network_run_py_trains_with_labels(tmp_path, trained, mo
 
     def recording_step(diffusion, model, ema, opt, x0, y, *rest):
         seen["train"].append(y)
+        seen["diffusion"] = diffusion.config()
         return real_step(diffusion, model, ema, opt, x0, y, *rest)
 
     def recording_denoiser(*args, **kwargs):
@@ -143,13 +146,26 @@ def test_bench_times_the_network_run_py_trains_with_labels(tmp_path, trained, mo
 
     monkeypatch.setattr(bench, "train_step", recording_step)
     monkeypatch.setattr(bench, "denoiser", recording_denoiser)
-    monkeypatch.setattr(bench, "drop_labels", lambda y, p, no_label: torch.where(torch.arange(len(y)) % 2 == 0,
-                                                                                    no_label, y))
+    rates = []
+
+    def dropping_half(y, p, no_label):
+        rates.append(p)
+        return torch.where(torch.arange(len(y)) % 2 == 0, no_label, y)
+
+    monkeypatch.setattr(bench, "drop_labels", dropping_half)
     out = str(tmp_path / "bench.json")
     assert bench.main(["--device", "cpu", "--precision", "fp32", "--batch-size", "4", "--sample-batch", "4",
                        "--steps", "2", "--repeats", "1", "--out", out, *shape]) == 0
     assert json.load(open(out))["model_config"] == json.loads(json.dumps(trained_config))  # tuples as lists
     assert seen["train"] and seen["sample"]
+    assert seen["diffusion"] == diffusion_for(DEFAULTS).config()  # the default's objective and weighting
+    assert diffusion_for(DEFAULTS).config() != Diffusion().config()  # (which are not Diffusion's own defaults)
     for y in seen["train"]:  # every step's labels went through the dropping, half of them "no label" here
         assert y is not None and (y[0::2] == NO_LABEL).all() and (y[1::2] < NO_LABEL).all()
     assert all(y is not None and len(y) == 4 and (y < NO_LABEL).all() for y in seen["sample"])
+    # The torchrun workers' timing (train_rate) trains the same way.
+    seen["train"].clear()
+    config = bench.network_config(bench.build_parser().parse_args(shape))
+    assert bench.train_rate(distributed.World(), torch.device("cpu"), None, 4, 1, 1, config) > 0
+    assert seen["train"] and all(y is not None and (y[0::2] == NO_LABEL).all() for y in seen["train"])
+    assert set(rates) == {DEFAULTS["label_dropout"]}

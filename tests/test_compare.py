@@ -4,11 +4,12 @@ import json
 import pytest
 import torch
 
+import bench
 import compare
 from ckpt import FORMAT, save_checkpoint
 from errors import UserError
 from sample import Sampler
-from train import DEFAULTS
+from train import DEFAULTS, NO_LABEL, diffusion_for
 
 
 def test_levers_combine_left_to_right_and_unknown_ones_are_named():
@@ -203,3 +204,19 @@ def test_the_side_by_side_figure_keeps_every_title_inside_it(lines):
         box = ax.title.get_window_extent(fig.canvas.get_renderer())
         assert inside.y0 <= box.y0 and box.y1 <= inside.y1
     compare.figures.plt.close(fig)
+
+
+def test_lever_speeds_time_each_lever_as_it_trains(monkeypatch):
+    """A lever's speed is timed on its own noise process, batch and label dropout, as run.py would train it."""
+    seen = []
+    monkeypatch.setattr(bench, "train_step", lambda diffusion, model, ema, opt, x0, y, *rest:
+                        seen.append((diffusion.config(), len(x0), y)))
+    rates = []
+    monkeypatch.setattr(bench, "drop_labels", lambda y, p, no_label: rates.append(p) or torch.full_like(y, no_label))
+    speeds = compare.lever_speeds(["old default + label dropout 0.2"], torch.device("cpu"), None, steps=1, repeats=1)
+    assert speeds["old default + label dropout 0.2"] > 0 and seen
+    cfg = {**DEFAULTS, **compare.lever("old default")}
+    for config, batch, y in seen:
+        assert config == diffusion_for(cfg).config() != diffusion_for(DEFAULTS).config()  # eps, uniform weighting
+        assert batch == 128 and (y == NO_LABEL).all()  # the labels went through the dropping
+    assert set(rates) == {0.2}
